@@ -1,0 +1,1 @@
+"""Attention backends (ABC, registry, torch reference), their metadata, and the per-step forward context."""

@@ -1,0 +1,1 @@
+"""Attention backends: `base` defines the interface, `registry` picks one per platform (lazily)."""

@@ -1,0 +1,103 @@
+"""One typed tree of frozen dataclasses; each component receives only its slice.
+
+This module imports no torch so that `core/` can depend on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def normalize_dtype(dtype: str) -> str:
+    """Map user spellings ('half', 'float', ...) to one of auto/float32/float16/bfloat16."""
+    if not isinstance(dtype, str):
+        dtype = str(dtype).removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES + tuple(_DTYPE_ALIASES)}, got {dtype!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is: resolved from the checkpoint's config.json (or GGUF metadata)."""
+
+    model: str  # local directory (or the default model's cache directory)
+    architecture: str  # e.g. "LlamaForCausalLM"
+    hf_config: Any  # a transformers PretrainedConfig
+    dtype: str  # resolved: float32 | float16 | bfloat16 (never "auto")
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tokenizer: str  # directory holding the tokenizer files
+    gguf_file: str | None = None  # file name inside `model` when loading GGUF
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    eos_token_ids: tuple[int, ...] = ()  # config + generation_config EOS ids
+    bos_token_id: int | None = None
+    sliding_window: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry and memory budget."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None = fraction of free memory
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None  # resolved by the worker after sizing
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits: one token budget per step shared by prefills and decodes."""
+
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs: 'auto' resolves through the platform layer."""
+
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The whole tree, built once by `EngineArgs.create_engine_config()`."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)

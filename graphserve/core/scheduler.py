@@ -1,0 +1,327 @@
+"""Continuous batching, vLLM V1 style: no prefill/decode phases, one token budget per step.
+
+Each step gives every request `num_tokens - num_computed_tokens` more tokens (prompt chunks and decode tokens
+alike), running requests first, then waiting ones in FCFS order. When the KV pool runs out, the newest running
+request is preempted (recompute: its blocks are freed and it starts over from the front of the waiting queue).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional, Union
+
+from graphserve.config import CacheConfig, SchedulerConfig
+from graphserve.core.kv_cache_manager import KVCacheManager, cdiv
+from graphserve.core.request import Request, RequestStatus
+from graphserve.core.scheduler_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    LogprobsLists,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+_RUNNING = RequestStatus.RUNNING
+
+
+def check_stop(request: Request, token_id: int, max_model_len: int) -> bool:
+    """Set a FINISHED_* status if `token_id`, just appended to the request, ends it."""
+    params = request.sampling_params
+    num_output_tokens = len(request.output_token_ids)
+    # Stop ids only count once min_tokens tokens exist (the sampler masks them before that anyway).
+    if num_output_tokens >= params.min_tokens:
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True  # stop_reason stays None for EOS, as in vLLM
+        stop_token_ids = params.stop_token_ids
+        if stop_token_ids and token_id in stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+            return True
+    if num_output_tokens >= request.max_tokens or len(request.all_token_ids) >= max_model_len:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return True
+    return False
+
+
+def max_kv_tokens(request: Request, max_model_len: int) -> int:
+    """The most KV slots the request can ever hold: every token but the last one sampled."""
+    num_prompt = request.num_prompt_tokens
+    # A prompt of exactly max_model_len still samples one token; that token's KV is never written.
+    return min(num_prompt + request.max_tokens - 1, max(max_model_len - 1, num_prompt))
+
+
+def _truncate_logprobs(logprobs: Optional[LogprobsLists], num_positions: int) -> Optional[LogprobsLists]:
+    if logprobs is None or len(logprobs.ranks) <= num_positions:
+        return logprobs
+    return LogprobsLists(
+        logprobs.token_ids[:num_positions], logprobs.logprobs[:num_positions], logprobs.ranks[:num_positions]
+    )
+
+
+class Scheduler:
+    """Decides, each step, which requests compute how many tokens, and books their KV blocks."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        if cache_config.num_blocks is None:
+            raise ValueError("cache_config.num_blocks must be resolved (by the worker) before building the Scheduler")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_model_len = scheduler_config.max_model_len
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(cache_config.block_size, cache_config.num_blocks)
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Finished, aborted or preempted since the last schedule(): the runner drops their state.
+        self.finished_req_ids: set[str] = set()
+        self.num_preemptions = 0  # total since start
+
+    # -- requests in and out ----------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request; raise ValueError if it could never run to completion."""
+        req_id = request.request_id
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in the scheduler")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError(f"request {req_id!r}: the prompt is empty")
+        if num_prompt > self.max_model_len:
+            raise ValueError(
+                f"request {req_id!r}: the prompt ({num_prompt} tokens) is longer than max_model_len "
+                f"({self.max_model_len})"
+            )
+        if request.max_tokens < 1:
+            raise ValueError(f"request {req_id!r}: max_tokens must be >= 1, got {request.max_tokens}")
+        # A request that alone outgrows the pool would preempt itself forever: refuse it up front.
+        num_kv_tokens = max_kv_tokens(request, self.max_model_len)
+        capacity = self.kv_cache_manager.num_blocks * self.block_size
+        if cdiv(num_kv_tokens, self.block_size) > self.kv_cache_manager.num_blocks:
+            raise ValueError(
+                f"request {req_id!r} may need KV for {num_kv_tokens} tokens (prompt {num_prompt}, max_tokens "
+                f"{request.max_tokens}) but the KV cache holds {capacity}; lower max_tokens or give the cache "
+                "more memory"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[req_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, req_ids: Union[str, Iterable[str]], finished_status: RequestStatus) -> None:
+        """End requests from outside (stop string, abort); unknown ids are ignored, no output is emitted."""
+        if not RequestStatus.is_finished(finished_status):
+            raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status!r}")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        from_running = from_waiting = False
+        for req_id in req_ids:
+            request = self.requests.pop(req_id, None)
+            if request is None:
+                continue
+            if request.status == _RUNNING:
+                from_running = True
+            else:
+                from_waiting = True
+            request.status = finished_status
+            self.kv_cache_manager.free(request)
+            self.finished_req_ids.add(req_id)
+        # One rebuild per call instead of a list.remove per id keeps mass aborts linear.
+        if from_running:
+            self.running = [r for r in self.running if r.status == _RUNNING]
+        if from_waiting:
+            self.waiting = deque(r for r in self.waiting if not r.is_finished())
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first, then (if nobody was preempted) waiting ones."""
+        num_scheduled_tokens: dict[str, int] = {}
+        cached_reqs: list[CachedRequestData] = []
+        new_reqs: list[NewRequestData] = []
+        token_budget, preempted = self._schedule_running(num_scheduled_tokens, cached_reqs)
+        # After a preemption the pool is known to be short: admitting new work would only thrash.
+        if not preempted:
+            token_budget = self._schedule_waiting(token_budget, num_scheduled_tokens, new_reqs)
+        finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
+            finished_req_ids=finished_req_ids,
+        )
+
+    def _schedule_running(
+        self, num_scheduled_tokens: dict[str, int], cached_reqs: list[CachedRequestData]
+    ) -> tuple[int, bool]:
+        """Schedule running requests in order, preempting from the back on KV shortage; returns (budget, preempted)."""
+        token_budget = self.max_num_batched_tokens
+        running = self.running
+        allocate_slots = self.kv_cache_manager.allocate_slots
+        max_model_len = self.max_model_len
+        preempted = False
+        req_index = 0
+        while req_index < len(running) and token_budget > 0:
+            request = running[req_index]
+            # min() guards the context limit even if a runner ever returns more tokens than fit.
+            num_new_tokens = min(len(request.all_token_ids), max_model_len) - request.num_computed_tokens
+            if num_new_tokens > token_budget:
+                if not self.enable_chunked_prefill:
+                    req_index += 1  # keeps its place; a later, shorter request may still fit
+                    continue
+                num_new_tokens = token_budget
+            while (new_blocks := allocate_slots(request, num_new_tokens)) is None:
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break  # the request preempted itself: everything after it already went too
+            req_id = request.request_id
+            new_block_ids = [b.block_id for b in new_blocks] if new_blocks else []
+            cached_reqs.append(CachedRequestData(req_id, new_block_ids, request.num_computed_tokens))
+            num_scheduled_tokens[req_id] = num_new_tokens
+            token_budget -= num_new_tokens
+            req_index += 1
+        return token_budget, preempted
+
+    def _schedule_waiting(
+        self, token_budget: int, num_scheduled_tokens: dict[str, int], new_reqs: list[NewRequestData]
+    ) -> int:
+        """Admit waiting requests FCFS while budget, max_num_seqs and KV blocks allow; returns the budget left."""
+        waiting, running = self.waiting, self.running
+        kv_cache_manager = self.kv_cache_manager
+        while waiting and token_budget > 0 and len(running) < self.max_num_seqs:
+            request = waiting[0]
+            num_new_tokens = len(request.all_token_ids) - request.num_computed_tokens
+            if num_new_tokens > token_budget:
+                if not self.enable_chunked_prefill:
+                    break  # strict FCFS: nobody overtakes the head of the queue
+                num_new_tokens = token_budget
+            if kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+                break
+            waiting.popleft()
+            running.append(request)
+            request.status = _RUNNING
+            req_id = request.request_id
+            new_reqs.append(
+                NewRequestData(
+                    req_id=req_id,
+                    prompt_token_ids=list(request.prompt_token_ids),
+                    output_token_ids=list(request.output_token_ids),  # non-empty when resumed after preemption
+                    sampling_params=request.sampling_params,
+                    block_ids=kv_cache_manager.get_block_ids(req_id),
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+            num_scheduled_tokens[req_id] = num_new_tokens
+            token_budget -= num_new_tokens
+        return token_budget
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-mode preemption: drop the KV, requeue at the front of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.finished_req_ids.add(request.request_id)
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance computed tokens, append sampled tokens, apply stop checks, free finished requests."""
+        sampled = dict(zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids))
+        sampled_logprobs = model_runner_output.sampled_logprobs
+        logprobs = model_runner_output.logprobs
+        prompt_logprobs = model_runner_output.prompt_logprobs
+        requests = self.requests
+        max_model_len = self.max_model_len
+        outputs: list[EngineCoreOutput] = []
+        num_finished = 0
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(req_id)
+            if request is None or request.status != _RUNNING:
+                continue  # finished from outside between schedule() and now
+            request.num_computed_tokens += num_tokens
+            new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
+            token_ids = sampled.get(req_id)
+            if not token_ids:
+                if request.num_computed_tokens >= len(request.all_token_ids):
+                    # Scheduling it again would compute zero tokens forever.
+                    raise RuntimeError(f"model runner sampled no token for {req_id!r} although its input is complete")
+                if new_prompt_logprobs is not None:
+                    outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs))
+                continue
+            if len(token_ids) == 1:
+                request.append_output_token_ids(token_ids)
+                stopped = check_stop(request, token_ids[0], max_model_len)
+            else:
+                token_ids, stopped = self._append_tokens(request, token_ids)
+            new_sampled_logprobs = sampled_logprobs.get(req_id)
+            new_logprobs = logprobs.get(req_id) if logprobs else None
+            if stopped:
+                num_finished += 1
+                self._free_finished(request)
+                if new_sampled_logprobs is not None:
+                    new_sampled_logprobs = new_sampled_logprobs[: len(token_ids)]
+                new_logprobs = _truncate_logprobs(new_logprobs, len(token_ids))
+            outputs.append(
+                EngineCoreOutput(
+                    req_id,
+                    token_ids,
+                    new_sampled_logprobs if new_sampled_logprobs is not None else [],
+                    new_logprobs,
+                    new_prompt_logprobs,
+                    RequestStatus.get_finished_reason(request.status),
+                    request.stop_reason,
+                )
+            )
+        if num_finished:
+            self.running = [r for r in self.running if r.status == _RUNNING]
+        return outputs
+
+    def _append_tokens(self, request: Request, token_ids: list[int]) -> tuple[list[int], bool]:
+        """Append several sampled tokens one by one, cutting them at the first that stops the request."""
+        for i, token_id in enumerate(token_ids):
+            request.append_output_token_ids([token_id])
+            if check_stop(request, token_id, self.max_model_len):
+                return token_ids[: i + 1], True
+        return token_ids, False
+
+    def _free_finished(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    # -- stats ------------------------------------------------------------------------------------------------------
+    def get_request(self, req_id: str) -> Optional[Request]:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        """Waiting plus running requests."""
+        return len(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV blocks and scheduled each step."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (new or preempted)."""
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use, in [0, 1]."""
+        return self.kv_cache_manager.usage

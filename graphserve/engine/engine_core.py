@@ -1,0 +1,45 @@
+"""The engine core: schedule → run → update. Only requests go in, only EngineCoreOutputs come out."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable
+
+from graphserve.config import EngineConfig
+from graphserve.core.request import Request, RequestStatus
+from graphserve.core.scheduler import Scheduler
+from graphserve.core.scheduler_output import EngineCoreOutput
+from graphserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Owns the scheduler and the model runner; the boundary that can later move to its own process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.model_runner = ModelRunner(config)
+        num_blocks = self.model_runner.initialize_kv_cache()
+        # The pool size is known only now: freeze it into the config every other part reads.
+        cache_config = dataclasses.replace(config.cache_config, num_blocks=num_blocks)
+        self.config = dataclasses.replace(config, cache_config=cache_config)
+        self.scheduler = Scheduler(config.scheduler_config, cache_config)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (raises ValueError if it can never fit)."""
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, req_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End requests now (client gone, stop string found); their KV blocks are freed at once."""
+        self.scheduler.finish_requests(list(req_ids), status)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One engine iteration: schedule, run the model, book the results."""
+        scheduler_output = self.scheduler.schedule()
+        model_output = self.model_runner.execute_model(scheduler_output)
+        if scheduler_output.is_empty:
+            return []
+        return self.scheduler.update_from_output(scheduler_output, model_output)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()

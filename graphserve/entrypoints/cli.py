@@ -1,0 +1,111 @@
+"""The `graphserve` command: `generate` (offline, one-shot) and `env` (what this machine offers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from graphserve.engine.arg_utils import EngineArgs
+
+
+def _add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate completions for prompts (chat-templated by default)",
+        description="Run the offline engine on one or more prompts and print the replies.",
+    )
+    p.add_argument("--prompt", "-p", action="append", required=True,
+                   help="a prompt (repeat for a batch); sent as a user chat message unless --raw")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    p.add_argument("--system", default=None, help="an optional system message for chat prompts")
+    p.add_argument("--max-tokens", type=int, default=128, help="max new tokens per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`graphserve generate`: load the model, run the prompts as one batch, print the replies."""
+    from graphserve.entrypoints.llm import LLM
+    from graphserve.sampling_params import SamplingParams
+
+    engine_args = EngineArgs.from_cli_args(args)
+    params = SamplingParams(
+        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.sample_seed,
+    )
+    llm = LLM(**vars(engine_args))
+    if args.raw:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        conversations = [system + [{"role": "user", "content": p}] for p in args.prompt]
+        outputs = llm.chat(conversations, params, use_tqdm=False)
+    for prompt, out in zip(args.prompt, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "outputs": [
+                {"text": c.text, "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                for c in out.outputs]}))
+        else:
+            for c in out.outputs:
+                print(c.text)
+    return 0
+
+
+def run_env(args: argparse.Namespace) -> int:
+    """`graphserve env`: platform, devices and library versions."""
+    import platform as py_platform
+
+    import torch
+    import transformers
+
+    from graphserve import __version__
+    from graphserve.platforms import current_platform
+
+    plat = current_platform()
+    free, total = plat.mem_get_info(plat.device())
+    info = {
+        "graphserve": __version__,
+        "python": py_platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": plat.name.value,
+        "device": plat.device_name(),
+        "memory_free_gib": round(free / 2**30, 2),
+        "memory_total_gib": round(total / 2**30, 2),
+        "supports_graphs": plat.capabilities.supports_graphs,
+    }
+    for key, value in info.items():
+        print(f"{key:20s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="graphserve", description="graphserve: LLM inference and serving")
+    parser.add_argument("--log-level", default="WARNING", help="python logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    env = sub.add_parser("env", help="print the platform, devices and versions")
+    env.set_defaults(func=run_env)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = args.func(args)
+    except ValueError as e:
+        print(f"graphserve: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

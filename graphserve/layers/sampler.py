@@ -1,0 +1,208 @@
+"""From logits to next tokens without a device-to-host sync.
+
+Order (vLLM): logits processors → logit_bias → min_tokens stop-id masking → repetition / presence / frequency
+penalties → (greedy rows: argmax) → temperature → top-k → top-p → min-p → exponential-race sampling.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from graphserve.worker.sampling_metadata import SamplingMetadata
+
+# q ~ Exp(1) can be exactly 0 on some backends; 0/0 would give NaN, which argmax treats as the maximum.
+_MIN_EXPONENTIAL = 1e-20
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled tokens and their logprobs, still on the device (the runner does the one .tolist())."""
+
+    sampled_token_ids: torch.Tensor  # [B] int64
+    sampled_logprobs: torch.Tensor  # [B] float32, raw logprob of the sampled token
+    # Only when metadata.max_num_logprobs is not None (K = max_num_logprobs, may be 0):
+    topk_token_ids: Optional[torch.Tensor] = None  # [B, K] int64
+    topk_logprobs: Optional[torch.Tensor] = None  # [B, K] float32
+    sampled_ranks: Optional[torch.Tensor] = None  # [B] int64, 1 = most likely
+
+
+def compute_topk_logprobs(
+    logprobs: torch.Tensor,  # [N, V] float32
+    token_ids: torch.Tensor,  # [N] int
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen token first, then the top-k: (token_ids [N, 1+k] int64, logprobs [N, 1+k], ranks [N] int64).
+
+    The rank is 1 + the number of tokens strictly more likely than the chosen one. k is capped at V.
+    """
+    token_ids = token_ids.to(torch.int64).unsqueeze(-1)  # [N, 1]
+    chosen = logprobs.gather(-1, token_ids)  # [N, 1]
+    ranks = (logprobs > chosen).sum(-1) + 1
+    k = min(k, logprobs.shape[-1])
+    if k <= 0:
+        return token_ids, chosen, ranks
+    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
+    return torch.cat([token_ids, topk_ids], dim=-1), torch.cat([chosen, topk_logprobs], dim=-1), ranks
+
+
+def _takes_prompt_ids(processor: Callable) -> bool:
+    """vLLM accepts f(output_ids, logits) and f(prompt_ids, output_ids, logits); tell them apart by arity."""
+    try:
+        params = inspect.signature(processor).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: assume the classic two-argument form
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 3
+
+
+def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """Run user logits processors on their rows, in place. logits: [B, V]."""
+    for entry in metadata.logits_processors:
+        row = logits[entry.row]
+        for processor in entry.processors:
+            # Copies, so a processor cannot corrupt the runner's token lists.
+            if _takes_prompt_ids(processor):
+                row = processor(list(entry.prompt_token_ids), list(entry.output_token_ids), row)
+            else:
+                row = processor(list(entry.output_token_ids), row)
+        logits[entry.row] = row
+
+
+def _bin_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Occurrences of each token id per row; token_ids [B, L] right-padded with vocab_size → [B, V] int32."""
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Repetition (HF: prompt + output tokens, positive logits divided, negative multiplied), then presence and
+    frequency (OpenAI: output tokens only, logit -= frequency * count + presence * (count > 0)). logits: [B, V]."""
+    vocab_size = logits.shape[-1]
+    output_counts = _bin_counts(metadata.output_token_ids, vocab_size)  # [B, V]
+    if metadata.prompt_token_ids is not None:
+        seen = (_bin_counts(metadata.prompt_token_ids, vocab_size) > 0) | (output_counts > 0)
+        penalty = metadata.repetition_penalties.unsqueeze(1).expand_as(logits)
+        penalty = torch.where(seen, penalty, torch.ones_like(penalty))
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits -= metadata.frequency_penalties.unsqueeze(1) * output_counts
+    logits -= metadata.presence_penalties.unsqueeze(1) * (output_counts > 0)
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [B, V]
+    top_k: Optional[torch.Tensor],  # [B] int64 in [1, V]
+    top_p: Optional[torch.Tensor],  # [B] float32 in (0, 1]
+) -> torch.Tensor:
+    """Mask to -inf what falls outside each row's top-k and then outside its top-p nucleus.
+
+    Ties with the k-th largest logit are kept. The nucleus is the smallest set of most likely tokens whose
+    probability reaches top_p; the most likely token always survives.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(1, (logits.shape[-1] - top_k).unsqueeze(1))  # [B, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return logits.scatter(1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's top probability. logits: [B, V]."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def exponential_race(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Sample each row of probs [B, V] as argmax(probs / q), q ~ Exp(1): exact categorical sampling, no sync.
+
+    Seeded rows draw q from their own generator so their tokens do not depend on the rest of the batch.
+    """
+    q = torch.empty_like(probs)
+    if len(metadata.generators) < probs.shape[0]:
+        q.exponential_(generator=metadata.generator)
+    for row, generator in metadata.generators.items():
+        q[row].exponential_(generator=generator)
+    return probs.div_(q.clamp_min_(_MIN_EXPONENTIAL)).argmax(dim=-1)
+
+
+class Sampler(nn.Module):
+    """Turns the last-position logits of each sampling request into its next token (vLLM V1 semantics).
+
+    Returned logprobs are those of the model's RAW logits (log_softmax before logits processors, bias, penalties,
+    temperature and truncation), like vLLM V1's default logprobs_mode="raw_logprobs"; vLLM v0.3 returned the
+    processed ones. The input logits are not modified.
+    """
+
+    def forward(
+        self,
+        logits: torch.Tensor,  # [B, V] float32
+        metadata: SamplingMetadata,
+    ) -> SamplerOutput:
+        """Sample one token per row and gather its logprob (plus top-k and rank when requested)."""
+        raw_logits = logits
+        logits = self.process_logits(logits, metadata)
+        sampled = self.sample(logits, metadata)
+        if metadata.max_num_logprobs is None:
+            # Cheaper than a full log_softmax: logprob = logit - logsumexp.
+            sampled_logit = raw_logits.gather(1, sampled.unsqueeze(1)).squeeze(1)
+            sampled_logprobs = sampled_logit - torch.logsumexp(raw_logits, dim=-1)
+            return SamplerOutput(sampled_token_ids=sampled, sampled_logprobs=sampled_logprobs)
+        token_ids, logprobs, ranks = compute_topk_logprobs(
+            raw_logits.log_softmax(dim=-1), sampled, metadata.max_num_logprobs
+        )
+        return SamplerOutput(
+            sampled_token_ids=sampled,
+            sampled_logprobs=logprobs[:, 0],
+            topk_token_ids=token_ids[:, 1:],
+            topk_logprobs=logprobs[:, 1:],
+            sampled_ranks=ranks,
+        )
+
+    @staticmethod
+    def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Logits processors, logit_bias, min_tokens masking and penalties, on a copy when any applies."""
+        if not (
+            metadata.logits_processors
+            or metadata.logit_bias_indices is not None
+            or metadata.min_tokens_indices is not None
+            or not metadata.no_penalties
+        ):
+            return logits
+        logits = logits.clone()
+        apply_logits_processors(logits, metadata)
+        flat = logits.view(-1)
+        if metadata.logit_bias_indices is not None:
+            flat.index_add_(0, metadata.logit_bias_indices, metadata.logit_bias_values)
+        if metadata.min_tokens_indices is not None:
+            flat.index_fill_(0, metadata.min_tokens_indices, float("-inf"))
+        if not metadata.no_penalties:
+            logits = apply_penalties(logits, metadata)
+        return logits
+
+    @staticmethod
+    def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Greedy rows take the argmax; random rows go through temperature, top-k, top-p, min-p and the race."""
+        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        if metadata.all_greedy:
+            return greedy
+        logits = logits / metadata.temperature.unsqueeze(1)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        if metadata.min_p is not None:
+            logits = apply_min_p(logits, metadata.min_p)
+        random = exponential_race(logits.softmax(dim=-1), metadata)
+        if metadata.all_random:
+            return random
+        return torch.where(metadata.is_greedy, greedy, random)

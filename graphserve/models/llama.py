@@ -1,0 +1,224 @@
+"""Llama-family decoder (Llama 1/2/3/3.1, Mistral); Qwen2/Qwen3 reuse it through `DecoderOptions`.
+
+The forward pass takes a flat token dimension (no batch): all sequences of a step are concatenated,
+and the attention layer separates them through the forward context's metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from graphserve.config import ModelConfig
+from graphserve.layers.activation import SiluAndMul
+from graphserve.layers.attention import Attention
+from graphserve.layers.layernorm import RMSNorm
+from graphserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from graphserve.layers.logits_processor import LogitsProcessor
+from graphserve.layers.rotary_embedding import get_rope, get_rope_parameters
+from graphserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from graphserve.models.config_loader import get_head_dim, get_layer_sliding_window
+from graphserve.models.weight_utils import default_weight_loader
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """The few structural switches that distinguish the Llama-like families."""
+
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama with attention_bias)
+    o_proj_bias: bool = False  # bias on the output projection (Llama/Qwen3 with attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool, prefix: str = ""):
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"Unsupported activation {hidden_act!r}: only silu is supported")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, hidden_size]
+        """[num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, optional per-head q/k norm, RoPE, paged attention, output projection."""
+
+    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = ""):
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = get_head_dim(hf_config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                          bias=options.qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(self.q_size, hf_config.hidden_size, bias=options.o_proj_bias,
+                                        prefix=f"{prefix}.o_proj")
+        if options.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        rope_theta, rope_scaling = get_rope_parameters(hf_config)
+        self.rotary_emb = get_rope(self.head_dim, self.head_dim, hf_config.max_position_embeddings,
+                                   rope_theta, rope_scaling, is_neox_style=True)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_idx,
+                              sliding_window=get_layer_sliding_window(hf_config, layer_idx))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        # positions: [num_tokens]; hidden_states: [num_tokens, hidden_size]
+        """Self-attention over the tokens of the current step -> [num_tokens, hidden_size]."""
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            # RMSNorm over each head's head_dim features, as HF Qwen3 does.
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm decoder block; the residual travels alongside so each RMSNorm can fuse the add."""
+
+    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = ""):
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_config, layer_idx, options, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act,
+                            options.mlp_bias, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [num_tokens]; hidden_states, residual: [num_tokens, hidden_size]
+        """Return (mlp output, residual stream before it); the next norm adds them."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF `model.*` names)."""
+
+    def __init__(self, hf_config: Any, options: DecoderOptions, prefix: str = "model"):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}")
+            for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [num_tokens]
+        """[num_tokens] ids -> [num_tokens, hidden_size] final hidden states."""
+        hidden_states = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama causal LM (also serves MistralForCausalLM: the sliding window comes from the config)."""
+
+    # fused parameter -> the checkpoint projections stacked into it (in shard order)
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    # (fused parameter name, checkpoint name, shard id)
+    stacked_params_mapping = [
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".v_proj", "v"),
+        (".gate_up_proj", ".gate_proj", 0),
+        (".gate_up_proj", ".up_proj", 1),
+    ]
+    # Buffers some old checkpoints saved; we recompute them.
+    skipped_weight_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+    def __init__(self, model_config: ModelConfig):
+        super().__init__()
+        hf_config = model_config.hf_config
+        self.model_config = model_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config))
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head")
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(hf_config.vocab_size)
+
+    @classmethod
+    def get_decoder_options(cls, hf_config: Any) -> DecoderOptions:
+        """Structural switches read from a Llama config."""
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(qkv_bias=attention_bias, o_proj_bias=attention_bias,
+                              mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [num_tokens]
+        """[num_tokens] ids -> [num_tokens, hidden_size] hidden states (logits are computed separately)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32 logits."""
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors through each parameter's weight_loader; return the parameter names filled.
+
+        A packed parameter (qkv_proj, gate_up_proj) counts as loaded only once all of its shards were.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards_seen: dict[str, set[Any]] = {}
+        for name, tensor in weights:
+            if name.endswith(self.skipped_weight_suffixes):
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue  # the head is the embedding; some checkpoints still store a copy
+            param_name, shard_id = self._map_weight_name(name)
+            if param_name not in params:
+                raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            param = params[param_name]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                if shard_id is None:
+                    weight_loader(param, tensor)
+                else:
+                    weight_loader(param, tensor, shard_id)
+            except ValueError as e:
+                raise ValueError(f"Cannot load checkpoint tensor {name!r} into {param_name!r}: {e}") from e
+            if shard_id is None:
+                loaded.add(param_name)
+            else:
+                shards_seen.setdefault(param_name, set()).add(shard_id)
+        for param_name, seen in shards_seen.items():
+            if seen == self._expected_shards(param_name):
+                loaded.add(param_name)
+        return loaded
+
+    def _map_weight_name(self, name: str) -> tuple[str, Any]:
+        for param_suffix, weight_suffix, shard_id in self.stacked_params_mapping:
+            if weight_suffix + "." in name:
+                return name.replace(weight_suffix + ".", param_suffix + "."), shard_id
+        return name, None
+
+    def _expected_shards(self, param_name: str) -> set[Any]:
+        return {sid for suffix, _, sid in self.stacked_params_mapping if suffix + "." in param_name}

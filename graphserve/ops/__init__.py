@@ -1,0 +1,6 @@
+"""torch.library ops (`torch.ops.graphserve.*`): one module per family, each with schema, fake and reference.
+
+Importing this package registers every family. Platforms add device kernels with
+`graphserve.ops._register.get_op(name).impl(dispatch_key, fn)`.
+"""
+from graphserve.ops import activation, attention, layernorm, rotary  # noqa: F401  (registers the ops)

@@ -1,0 +1,127 @@
+"""Paged KV cache ops: `reshape_and_cache` (write new K/V) and `paged_attention` (mixed prefill/decode batches).
+
+KV cache layout (flash/NHD): key_cache and value_cache are each [num_blocks, block_size, num_kv_heads, head_dim].
+Token slot `s` lives at block `s // block_size`, offset `s % block_size`; slot < 0 means "do not write".
+"""
+import torch
+
+from graphserve.ops._register import register_op
+
+
+def _reshape_and_cache_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Scatter each token's K/V into its cache slot; tokens with a negative slot are skipped."""
+    if key.shape[0] != slot_mapping.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
+    block_size = key_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    # Indexing by (block, offset) instead of flattening the cache keeps this correct for strided caches.
+    index = (slots // block_size, slots % block_size)
+    key_cache.index_put_(index, key[valid].to(key_cache.dtype))
+    value_cache.index_put_(index, value[valid].to(value_cache.dtype))
+
+
+def _attend_one_sequence(
+    query: torch.Tensor,  # [query_len, num_heads, head_dim]
+    key: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:  # [query_len, num_heads, head_dim] float32
+    """Causal (bottom-right aligned) GQA attention of one sequence's queries over its whole context, in fp32."""
+    query_len, num_heads, head_dim = query.shape
+    seq_len, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    # Query head h reads kv head h // group, so heads are grouped as [num_kv_heads, group].
+    q = query.float().reshape(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.reshape(num_kv_heads, group * query_len, head_dim)
+    k = key.float().permute(1, 2, 0)  # [num_kv_heads, head_dim, seq_len]
+    v = value.float().permute(1, 0, 2)  # [num_kv_heads, seq_len, head_dim]
+    scores = torch.bmm(q, k).mul_(scale).view(num_kv_heads, group, query_len, seq_len)
+    # Query i of the chunk sits at absolute position seq_len - query_len + i.
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
+    visible = k_pos <= q_pos
+    if sliding_window > 0:
+        visible &= k_pos > q_pos - sliding_window
+    scores.masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(num_kv_heads, group * query_len, seq_len)
+    out = torch.bmm(probs, v).view(num_kv_heads, group, query_len, head_dim)
+    return out.permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
+
+
+def _paged_attention_ref(
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    sliding_window: int,
+    max_query_len: int,
+    max_seq_len: int,
+) -> None:
+    """Attention of every sequence's new tokens over its cached context; one gather and one matmul per sequence.
+
+    `max_query_len` and `max_seq_len` size the grids of device kernels; the reference does not need them.
+    Rows past `query_start_loc[-1]` (padding for graph buckets) are zeroed.
+    """
+    block_size = key_cache.shape[1]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        if q_end == q_start or seq_len == 0:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        blocks = block_table[b, :num_blocks].long()
+        k = key_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+        v = value_cache[blocks].flatten(0, 1)[:seq_len]
+        attn = _attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window)
+        out[q_start:q_end] = attn.to(out.dtype)
+    out[starts[-1] :].zero_()
+
+
+_RESHAPE_AND_CACHE = register_op(
+    "reshape_and_cache", _reshape_and_cache_ref, mutates_args=("key_cache", "value_cache")
+)
+_PAGED_ATTENTION = register_op("paged_attention", _paged_attention_ref, mutates_args=("out",))
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Write new K/V into the paged cache (slot < 0 skipped)."""
+    torch.ops.graphserve.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    sliding_window: int,
+    max_query_len: int,
+    max_seq_len: int,
+) -> None:
+    """Causal GQA attention over the paged cache for a mixed batch, written into `out` (sliding_window 0 = none)."""
+    torch.ops.graphserve.paged_attention(
+        out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+        scale, sliding_window, max_query_len, max_seq_len,
+    )

@@ -1,0 +1,34 @@
+"""Platform detection: `current_platform` is resolved lazily on first use."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from graphserve.platforms.interface import Platform
+
+_current: "Platform | None" = None
+
+
+def resolve_platform(device: str = "auto") -> "Platform":
+    """The platform for a device string: 'auto' picks CUDA/ROCm when a GPU is visible, else CPU."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        from graphserve.platforms.cpu import CpuPlatform
+
+        return CpuPlatform()
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no GPU is visible to torch")
+    from graphserve.platforms.cuda import CudaPlatform, RocmPlatform
+
+    return RocmPlatform() if torch.version.hip else CudaPlatform()
+
+
+def current_platform() -> "Platform":
+    """The platform of this process (auto-detected once)."""
+    global _current
+    if _current is None:
+        _current = resolve_platform("auto")
+    return _current

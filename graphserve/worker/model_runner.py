@@ -1,0 +1,163 @@
+"""Orchestrates one step on the device: persistent request state → batch → forward → sample → plain lists."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from graphserve.attention.backends.base import AttentionMetadataBuilder
+from graphserve.attention.forward_context import set_forward_context
+from graphserve.config import EngineConfig
+from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from graphserve.layers.sampler import Sampler, compute_topk_logprobs
+from graphserve.models.loader import get_model
+from graphserve.platforms import resolve_platform
+from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
+from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks
+from graphserve.worker.sampling_metadata import build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model, the KV caches and the per-request state; turns SchedulerOutput into ModelRunnerOutput."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.platform = resolve_platform(config.device_config.device)
+        self.device = self.platform.device()
+        self.dtype = getattr(torch, self.model_config.dtype)
+        self.block_size = config.cache_config.block_size
+        sched = config.scheduler_config
+        self.max_num_tokens = sched.max_num_batched_tokens
+        self.requests: dict[str, CachedRequestState] = {}
+        self.input_batch = InputBatch(self.max_num_tokens, sched.max_num_seqs, sched.max_model_len, self.block_size)
+        self.metadata_builder = AttentionMetadataBuilder(self.block_size)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.model_config.seed)
+        self.model = get_model(self.model_config, self.device)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+
+    def initialize_kv_cache(self) -> int:
+        """Size and allocate the KV pool from the memory budget; returns the number of blocks."""
+        cc = self.config.cache_config
+        available = self.platform.default_kv_cache_memory(self.device, cc.gpu_memory_utilization)
+        self.num_blocks = determine_num_blocks(
+            self.model_config, cc, self.config.scheduler_config, self.dtype, available
+        )
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+        return self.num_blocks
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        """Apply the scheduler's changes: drop finished/preempted requests, add new ones, extend block tables."""
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=new.sampling_params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and return plain-Python results (one device→host copy for all sampled tokens)."""
+        self._update_states(so)
+        if so.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        order = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
+        states = [self.requests[rid] for rid in order]
+        num_scheduled = [so.num_scheduled_tokens[rid] for rid in order]
+        batch = self.input_batch.prepare(states, num_scheduled)
+        hidden_states = self._forward(batch)
+        output = self._sample(states, batch, hidden_states)
+        self._compute_prompt_logprobs(states, batch, hidden_states, output)
+        for st, n in zip(states, num_scheduled):
+            st.num_computed_tokens += n
+        return output
+
+    def _forward(self, batch: BatchInputs) -> torch.Tensor:
+        """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
+        attn_metadata = self.metadata_builder.build(
+            query_lens=batch.query_lens,
+            seq_lens=batch.seq_lens,
+            block_tables=batch.block_table,
+            slot_mapping=batch.slot_mapping,
+            device=self.device,
+        )
+        input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
+        positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
+        with set_forward_context(attn_metadata, self.kv_caches):
+            return self.model(input_ids, positions)
+
+    def _sample(
+        self, states: list[CachedRequestState], batch: BatchInputs, hidden_states: torch.Tensor
+    ) -> ModelRunnerOutput:
+        """Sample the requests whose known tokens are all computed; partial prefills get no token."""
+        sampled_lists: list[list[int]] = [[] for _ in states]
+        out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_lists)
+        if not batch.sampling_req_indices:
+            return out
+        sampling_states = [states[i] for i in batch.sampling_req_indices]
+        logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
+        logits = self.model.compute_logits(hidden_states[logits_indices])
+        metadata = build_sampling_metadata(
+            [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator
+        )
+        sampler_output = self.sampler(logits, metadata)
+        # The one host sync of the step.
+        token_ids = sampler_output.sampled_token_ids.tolist()
+        sampled_logprobs = sampler_output.sampled_logprobs.tolist()
+        top = None
+        if sampler_output.topk_token_ids is not None:
+            top = (
+                sampler_output.topk_token_ids.tolist(),
+                sampler_output.topk_logprobs.tolist(),
+                sampler_output.sampled_ranks.tolist(),
+            )
+        for row, i in enumerate(batch.sampling_req_indices):
+            st = states[i]
+            tok = token_ids[row]
+            sampled_lists[i].append(tok)
+            st.output_token_ids.append(tok)
+            out.sampled_logprobs[st.req_id] = [sampled_logprobs[row]]
+            k = st.sampling_params.logprobs
+            if top is not None and k is not None:
+                out.logprobs[st.req_id] = LogprobsLists(
+                    token_ids=[[tok] + top[0][row][:k]],
+                    logprobs=[[sampled_logprobs[row]] + top[1][row][:k]],
+                    ranks=[top[2][row]],
+                )
+        return out
+
+    def _compute_prompt_logprobs(
+        self,
+        states: list[CachedRequestState],
+        batch: BatchInputs,
+        hidden_states: torch.Tensor,
+        out: ModelRunnerOutput,
+    ) -> None:
+        """Logprobs of prompt tokens 1..P-1 covered by this chunk (the first prompt token has none)."""
+        for i, st in enumerate(states):
+            k = st.sampling_params.prompt_logprobs
+            start = st.num_computed_tokens
+            num_prompt = len(st.prompt_token_ids)
+            if k is None or start >= num_prompt - 1:
+                continue
+            end = min(start + int(batch.query_lens[i]), num_prompt - 1)
+            first = int(batch.query_start_loc[i])
+            logits = self.model.compute_logits(hidden_states[first : first + end - start])
+            targets = torch.tensor(st.prompt_token_ids[start + 1 : end + 1], device=self.device)
+            ids, lps, ranks = compute_topk_logprobs(logits.log_softmax(dim=-1), targets, k)
+            out.prompt_logprobs[st.req_id] = (start + 1, LogprobsLists(ids.tolist(), lps.tolist(), ranks.tolist()))

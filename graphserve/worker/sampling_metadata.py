@@ -1,0 +1,227 @@
+"""Per-step sampling inputs: host-side request state turned into a few device tensors, built once per step.
+
+Everything is gathered into Python lists / numpy arrays first and copied to the device with one host-to-device
+copy per tensor (from pinned memory on CUDA, so the copies do not block). Tensors that no request in the batch
+needs are left as None, so the common all-greedy, no-penalty batch costs almost nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from graphserve.sampling_params import SamplingParams, SamplingType
+
+_MASK_64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRequestState:
+    """What the model runner keeps per request for sampling; it appends each sampled token to output_token_ids."""
+
+    req_id: str
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    # Seeded requests only: created on first use, re-seeded every step (see _position_seed).
+    generator: Optional[torch.Generator] = field(default=None, repr=False)
+
+
+class LogitsProcessorRow(NamedTuple):
+    """The logits processors of one batch row, with the token ids they may read."""
+
+    row: int
+    processors: list[Callable]
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass
+class SamplingMetadata:
+    """Device tensors and flags for the B requests that sample this step (row i = reqs[i])."""
+
+    all_greedy: bool
+    all_random: bool
+    temperature: Optional[torch.Tensor]  # [B] float32; greedy rows hold 1.0; None when all_greedy
+    top_k: Optional[torch.Tensor]  # [B] int64 in [1, V]; V = off; None when no row uses top-k
+    top_p: Optional[torch.Tensor]  # [B] float32; 1.0 = off; None when no row uses top-p
+    min_p: Optional[torch.Tensor]  # [B] float32; 0.0 = off; None when no row uses min-p
+    is_greedy: Optional[torch.Tensor]  # [B] bool; only for mixed batches
+    # Seeded rows: row -> its generator, already seeded for this step's position.
+    generators: dict[int, torch.Generator]
+    # Draws for unseeded random rows (None = torch's default generator of the device).
+    generator: Optional[torch.Generator]
+    # Penalties (None when no row has one). Token-id tensors are right-padded with V.
+    presence_penalties: Optional[torch.Tensor]  # [B] float32
+    frequency_penalties: Optional[torch.Tensor]  # [B] float32
+    repetition_penalties: Optional[torch.Tensor]  # [B] float32
+    prompt_token_ids: Optional[torch.Tensor]  # [B, max_prompt_len] int64; only when a repetition penalty is set
+    output_token_ids: Optional[torch.Tensor]  # [B, max_output_len] int64
+    # Flattened (row * V + token) indices into logits.view(-1).
+    logit_bias_indices: Optional[torch.Tensor]  # [num_biases] int64
+    logit_bias_values: Optional[torch.Tensor]  # [num_biases] float32
+    min_tokens_indices: Optional[torch.Tensor]  # [num_masked] int64; set to -inf (stop ids before min_tokens)
+    logits_processors: list[LogitsProcessorRow]
+    # None: no row wants logprobs; k >= 0: return the sampled token's rank and the top-k (k = max over rows).
+    max_num_logprobs: Optional[int]
+
+    @property
+    def no_penalties(self) -> bool:
+        """True when no row has a presence, frequency or repetition penalty."""
+        return self.output_token_ids is None
+
+
+def _position_seed(seed: int, position: int) -> int:
+    """Mix (seed mod 2**64, output position) into a 63-bit seed (splitmix64 finaliser).
+
+    Seeding from the position rather than advancing one stream makes the draw at position p a pure function of
+    (seed, p): the same text whatever else shares the batch, and after preemption and recompute.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK_64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy; pinned and non-blocking on CUDA."""
+    cpu = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+    cpu = cpu.to(dtype)
+    if device.type == "cpu":
+        return cpu
+    if device.type == "cuda":
+        cpu = cpu.pin_memory()
+    return cpu.to(device, non_blocking=True)
+
+
+def _pad_token_ids(rows: list[list[int]], pad_id: int) -> np.ndarray:
+    """Right-pad token-id lists with pad_id into a [B, max_len] int64 array (max_len >= 1)."""
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), pad_id, dtype=np.int64)
+    for i, ids in enumerate(rows):
+        if ids:
+            out[i, : len(ids)] = ids
+    return out
+
+
+def _normalize_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _seeded_generator(state: SamplingRequestState, device: torch.device) -> torch.Generator:
+    """The request's cached generator, re-seeded for its next output position."""
+    # getattr: any object with SamplingRequestState's four fields works (e.g. the runner's own state class).
+    gen = getattr(state, "generator", None)
+    if gen is None or gen.device != device:
+        gen = torch.Generator(device=device)
+        state.generator = gen
+    gen.manual_seed(_position_seed(state.sampling_params.seed, len(state.output_token_ids)))
+    return gen
+
+
+def _build_truncation(params: list[SamplingParams], vocab_size: int, device: torch.device) -> dict:
+    """Temperature / top-k / top-p / min-p tensors, each only if some row needs it."""
+    temperature = [1.0 if p.sampling_type == SamplingType.GREEDY else p.temperature for p in params]
+    top_k = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    return {
+        "temperature": _to_device(temperature, torch.float32, device),
+        "top_k": _to_device(top_k, torch.int64, device) if any(k < vocab_size for k in top_k) else None,
+        "top_p": _to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
+        "min_p": _to_device(min_p, torch.float32, device) if any(p > 0.0 for p in min_p) else None,
+    }
+
+
+def _build_penalties(reqs: list[SamplingRequestState], vocab_size: int, device: torch.device) -> dict:
+    """Penalty factors plus the padded token ids the sampler counts on the device."""
+    params = [r.sampling_params for r in reqs]
+    presence = [p.presence_penalty for p in params]
+    frequency = [p.frequency_penalty for p in params]
+    repetition = [p.repetition_penalty for p in params]
+    needs_prompt = any(r != 1.0 for r in repetition)
+    if not needs_prompt and not any(presence) and not any(frequency):
+        return dict.fromkeys(("presence_penalties", "frequency_penalties", "repetition_penalties",
+                              "prompt_token_ids", "output_token_ids"))
+    prompt = _pad_token_ids([r.prompt_token_ids for r in reqs], vocab_size) if needs_prompt else None
+    return {
+        "presence_penalties": _to_device(presence, torch.float32, device),
+        "frequency_penalties": _to_device(frequency, torch.float32, device),
+        "repetition_penalties": _to_device(repetition, torch.float32, device),
+        "prompt_token_ids": None if prompt is None else _to_device(prompt, torch.int64, device),
+        "output_token_ids": _to_device(_pad_token_ids([r.output_token_ids for r in reqs], vocab_size),
+                                       torch.int64, device),
+    }
+
+
+def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device: torch.device) -> dict:
+    """Flattened indices for logit_bias (added) and for stop ids masked before min_tokens."""
+    bias_idx: list[int] = []
+    bias_val: list[float] = []
+    min_tokens_idx: list[int] = []
+    for row, req in enumerate(reqs):
+        params = req.sampling_params
+        for token_id, bias in (params.logit_bias or {}).items():
+            if token_id >= vocab_size:
+                raise ValueError(f"logit_bias token id {token_id} of request {req.req_id!r} is out of the "
+                                 f"vocabulary (size {vocab_size}).")
+            bias_idx.append(row * vocab_size + token_id)
+            bias_val.append(bias)
+        if len(req.output_token_ids) < params.min_tokens:
+            # Ids beyond the vocabulary can never be sampled, so there is nothing to mask.
+            min_tokens_idx.extend(row * vocab_size + t for t in sorted(params.all_stop_token_ids) if t < vocab_size)
+    return {
+        "logit_bias_indices": _to_device(bias_idx, torch.int64, device) if bias_idx else None,
+        "logit_bias_values": _to_device(bias_val, torch.float32, device) if bias_idx else None,
+        "min_tokens_indices": _to_device(min_tokens_idx, torch.int64, device) if min_tokens_idx else None,
+    }
+
+
+def build_sampling_metadata(
+    reqs: list[SamplingRequestState],
+    vocab_size: int,
+    device: torch.device | str,
+    generator: Optional[torch.Generator] = None,
+) -> SamplingMetadata:
+    """Build this step's SamplingMetadata for the requests that sample (row i = reqs[i]).
+
+    `generator` is the engine-level generator for unseeded random rows; seeded rows use their own cached
+    generator (stored on the SamplingRequestState), seeded from (seed, number of tokens generated so far).
+    """
+    if not reqs:
+        raise ValueError("build_sampling_metadata needs at least one request")
+    device = _normalize_device(device)
+    params = [r.sampling_params for r in reqs]
+    greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
+    all_greedy, all_random = all(greedy), not any(greedy)
+    if all_greedy:
+        truncation = dict.fromkeys(("temperature", "top_k", "top_p", "min_p"))
+    else:
+        truncation = _build_truncation(params, vocab_size, device)
+    generators = {
+        row: _seeded_generator(req, device)
+        for row, req in enumerate(reqs)
+        if req.sampling_params.sampling_type == SamplingType.RANDOM_SEED
+    }
+    processors = [
+        LogitsProcessorRow(row, req.sampling_params.logits_processors, req.prompt_token_ids, req.output_token_ids)
+        for row, req in enumerate(reqs)
+        if req.sampling_params.logits_processors
+    ]
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingMetadata(
+        all_greedy=all_greedy,
+        all_random=all_random,
+        is_greedy=None if all_greedy or all_random else _to_device(greedy, torch.bool, device),
+        generators=generators,
+        generator=generator,
+        logits_processors=processors,
+        max_num_logprobs=max(requested) if requested else None,
+        **truncation,
+        **_build_penalties(reqs, vocab_size, device),
+        **_build_logit_masks(reqs, vocab_size, device),
+    )
