@@ -158,34 +158,46 @@ class Scheduler:
         """Schedule running requests in order, preempting from the back on KV shortage; returns (budget, preempted)."""
         token_budget = self.max_num_batched_tokens
         running = self.running
-        allocate_slots = self.kv_cache_manager.allocate_slots
-        max_model_len = self.max_model_len
+        req_to_blocks = self.kv_cache_manager.req_to_blocks
+        block_size = self.block_size
         preempted = False
-        req_index = 0
-        while req_index < len(running) and token_budget > 0:
-            request = running[req_index]
-            # min() guards the context limit even if a runner ever returns more tokens than fit.
-            num_new_tokens = min(len(request.all_token_ids), max_model_len) - request.num_computed_tokens
+        # Preemption only pops from the back, at or after the current request, so iterating while it shrinks
+        # is safe: the iterator just ends sooner.
+        for request in running:
+            if token_budget <= 0:
+                break
+            num_computed_tokens = request.num_computed_tokens
+            num_new_tokens = len(request.all_token_ids) - num_computed_tokens
             if num_new_tokens > token_budget:
                 if not self.enable_chunked_prefill:
-                    req_index += 1  # keeps its place; a later, shorter request may still fit
-                    continue
+                    continue  # keeps its place; a later, shorter request may still fit
                 num_new_tokens = token_budget
-            while (new_blocks := allocate_slots(request, num_new_tokens)) is None:
-                victim = running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            if new_blocks is None:
-                break  # the request preempted itself: everything after it already went too
             req_id = request.request_id
-            new_block_ids = [b.block_id for b in new_blocks] if new_blocks else []
-            cached_reqs.append(CachedRequestData(req_id, new_block_ids, request.num_computed_tokens))
+            # Fast path for the common decode step: the new token fits the last block (a running request always
+            # holds blocks). This is allocate_slots' own first check, without the call.
+            if num_computed_tokens + num_new_tokens <= len(req_to_blocks[req_id]) * block_size:
+                new_block_ids = []
+            else:
+                new_block_ids, preempted_now = self._allocate_or_preempt(request, num_new_tokens)
+                preempted = preempted or preempted_now
+                if new_block_ids is None:
+                    break  # the request preempted itself: everything after it already went too
+            cached_reqs.append(CachedRequestData(req_id, new_block_ids, num_computed_tokens))
             num_scheduled_tokens[req_id] = num_new_tokens
             token_budget -= num_new_tokens
-            req_index += 1
         return token_budget, preempted
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> tuple[Optional[list[int]], bool]:
+        """Allocate slots, preempting the newest running requests until they fit; (None, True) if it went itself."""
+        running = self.running
+        preempted = False
+        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new_tokens)) is None:
+            victim = running.pop()
+            self._preempt(victim)
+            preempted = True
+            if victim is request:
+                return None, True
+        return [block.block_id for block in new_blocks], preempted
 
     def _schedule_waiting(
         self, token_budget: int, num_scheduled_tokens: dict[str, int], new_reqs: list[NewRequestData]
@@ -235,7 +247,10 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Advance computed tokens, append sampled tokens, apply stop checks, free finished requests."""
-        sampled = dict(zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids))
+        num_scheduled_tokens = scheduler_output.num_scheduled_tokens
+        if len(model_runner_output.req_ids) != len(num_scheduled_tokens):
+            raise RuntimeError(f"model runner returned {len(model_runner_output.req_ids)} requests for "
+                               f"{len(num_scheduled_tokens)} scheduled: it must return every scheduled request")
         sampled_logprobs = model_runner_output.sampled_logprobs
         logprobs = model_runner_output.logprobs
         prompt_logprobs = model_runner_output.prompt_logprobs
@@ -243,30 +258,31 @@ class Scheduler:
         max_model_len = self.max_model_len
         outputs: list[EngineCoreOutput] = []
         num_finished = 0
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        for req_id, token_ids in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids):
             request = requests.get(req_id)
-            if request is None or request.status != _RUNNING:
+            if request is None or request.status is not _RUNNING:
                 continue  # finished from outside between schedule() and now
-            request.num_computed_tokens += num_tokens
+            request.num_computed_tokens += num_scheduled_tokens[req_id]
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
-            token_ids = sampled.get(req_id)
-            if not token_ids:
-                if request.num_computed_tokens >= len(request.all_token_ids):
-                    # Scheduling it again would compute zero tokens forever.
-                    raise RuntimeError(f"model runner sampled no token for {req_id!r} although its input is complete")
+            if not token_ids:  # partial prefill
+                self._check_partial(request)
                 if new_prompt_logprobs is not None:
                     outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs))
                 continue
-            if len(token_ids) == 1:
-                request.append_output_token_ids(token_ids)
-                stopped = check_stop(request, token_ids[0], max_model_len)
+            if len(token_ids) == 1:  # the common case, kept free of extra calls
+                token_id = token_ids[0]
+                request.output_token_ids.append(token_id)
+                request.all_token_ids.append(token_id)
+                stopped = check_stop(request, token_id, max_model_len)
             else:
                 token_ids, stopped = self._append_tokens(request, token_ids)
-            new_sampled_logprobs = sampled_logprobs.get(req_id)
+            new_sampled_logprobs = sampled_logprobs.get(req_id) if sampled_logprobs else None
             new_logprobs = logprobs.get(req_id) if logprobs else None
+            finish_reason = None
             if stopped:
                 num_finished += 1
                 self._free_finished(request)
+                finish_reason = request.get_finished_reason()
                 if new_sampled_logprobs is not None:
                     new_sampled_logprobs = new_sampled_logprobs[: len(token_ids)]
                 new_logprobs = _truncate_logprobs(new_logprobs, len(token_ids))
@@ -277,13 +293,21 @@ class Scheduler:
                     new_sampled_logprobs if new_sampled_logprobs is not None else [],
                     new_logprobs,
                     new_prompt_logprobs,
-                    RequestStatus.get_finished_reason(request.status),
+                    finish_reason,
                     request.stop_reason,
                 )
             )
         if num_finished:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
+
+    @staticmethod
+    def _check_partial(request: Request) -> None:
+        if request.num_computed_tokens >= len(request.all_token_ids):
+            # Scheduling it again would compute zero tokens forever.
+            raise RuntimeError(
+                f"model runner sampled no token for {request.request_id!r} although its input is complete"
+            )
 
     def _append_tokens(self, request: Request, token_ids: list[int]) -> tuple[list[int], bool]:
         """Append several sampled tokens one by one, cutting them at the first that stops the request."""

@@ -3,7 +3,8 @@
 Decoding token by token is not `decode(ids)` piecewise: byte-level BPE splits UTF-8 characters across tokens
 and SentencePiece decoders drop the leading space of the first token they see. So each step decodes a small
 window of tokens twice (with and without the new ones) and emits the difference, and holds text back while it
-ends in U+FFFD (the decoder's mark for an incomplete character).
+ends in U+FFFD (the decoder's mark for an incomplete character). The window starts with the prompt's last tokens,
+so the first output token is decoded with its real left context.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ _REPLACEMENT_CHAR = "\ufffd"
 class IncrementalDetokenizer:
     """Turns the growing list of output token ids into text deltas that never end inside a character.
 
-    With `spaces_between_special_tokens=True` (the default) the text equals `tokenizer.decode(output_ids,
-    skip_special_tokens=...)`, the decoder alone deciding the spacing around added tokens. With False, added
-    tokens are glued to their neighbours: runs of regular tokens are decoded on their own and concatenated with
-    the added tokens' raw text (vLLM's slow-tokenizer semantics; matters for decoders that insert spaces).
+    Text without visible special tokens equals `tokenizer.decode(output_ids)`. Special tokens are only visible
+    with skip_special_tokens=False; then, as in HF's slow tokenizers and vLLM, the output is split into special
+    tokens (shown raw) and runs of other tokens (decoded together), joined by one space when
+    spaces_between_special_tokens is True and by nothing when False. The first output piece is never separated
+    from the prompt. Non-special added tokens (e.g. "<tool_call>") are ordinary text here, as in decode().
     """
 
     def __init__(
@@ -40,12 +42,12 @@ class IncrementalDetokenizer:
         self.spaces_between_special_tokens = spaces_between_special_tokens
         self._info = get_token_info(tokenizer)
         self.tokens: list[str] = []  # token strings: the prompt's tail, then every output token kept
-        self._is_added: list[bool] = []  # parallel to tokens: added tokens are decoded apart when gluing
+        self._is_special: list[bool] = []  # parallel to tokens: shown raw, apart from the text around them
         self._append(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._num_prompt_tokens = len(self.tokens)  # tokens[this:] are output tokens
         # tokens[prefix_offset:read_offset] was already emitted (or is prompt); tokens[read_offset:] is pending.
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
-        self.output_text = ""
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Add output tokens; return the newly completed text (possibly empty)."""
@@ -66,7 +68,7 @@ class IncrementalDetokenizer:
             if token is None:
                 continue
             self.tokens.append(token)
-            self._is_added.append(token_id in info.added_tokens)
+            self._is_special.append(token_id in info.special_ids)
 
     def _advance(self, allow_partial: bool) -> str:
         if self.read_offset == len(self.tokens):
@@ -78,26 +80,29 @@ class IncrementalDetokenizer:
         delta = new_text[len(prefix_text):]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.tokens)
-        self.output_text += delta
         return delta
 
     def _decode(self, start: int, end: int) -> str:
-        tokens = self.tokens[start:end]
-        if self.spaces_between_special_tokens or not any(self._is_added[start:end]):
-            return self.tokenizer.convert_tokens_to_string(tokens) if tokens else ""
-        parts: list[str] = []
-        run: list[str] = []
-        for token, is_added in zip(tokens, self._is_added[start:end]):
-            if not is_added:
-                run.append(token)
+        convert = self.tokenizer.convert_tokens_to_string
+        if not any(self._is_special[start:end]):
+            return convert(self.tokens[start:end]) if end > start else ""
+        pieces: list[tuple[int, str]] = []  # (index of the piece's first token, its text)
+        run_start = start
+        for i in range(start, end):
+            if not self._is_special[i]:
                 continue
-            if run:
-                parts.append(self.tokenizer.convert_tokens_to_string(run))
-                run = []
-            parts.append(token)
-        if run:
-            parts.append(self.tokenizer.convert_tokens_to_string(run))
-        return "".join(parts)
+            if run_start < i:
+                pieces.append((run_start, convert(self.tokens[run_start:i])))
+            pieces.append((i, self.tokens[i]))
+            run_start = i + 1
+        if run_start < end:
+            pieces.append((run_start, convert(self.tokens[run_start:end])))
+        separator = " " if self.spaces_between_special_tokens else ""
+        text = pieces[0][1]
+        for first, piece in pieces[1:]:
+            # Pieces of output are separated; the first output piece is not separated from the prompt.
+            text += (separator if first > self._num_prompt_tokens else "") + piece
+        return text
 
 
 class StopChecker:

@@ -22,7 +22,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, chat_template: Optional[str] = None) -> None:
         mc = config.model_config
-        self.tokenizer = get_tokenizer(mc.tokenizer, gguf_file=mc.gguf_file, chat_template=chat_template)
+        # A GGUF model carries its own tokenizer; an explicit tokenizer directory is a plain HF one.
+        gguf_file = mc.gguf_file if mc.tokenizer == mc.model else None
+        self.tokenizer = get_tokenizer(mc.tokenizer, gguf_file=gguf_file, chat_template=chat_template)
         self.input_processor = InputProcessor(mc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)

@@ -49,6 +49,7 @@ class _SequenceState:
 
     @property
     def finished(self) -> bool:
+        """True once the sequence has a finish reason."""
         return self.finish_reason is not None
 
     def completion(self, index: int, delta: bool) -> CompletionOutput:
@@ -92,6 +93,7 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
+        """True once every child sequence has finished."""
         return self.num_unfinished == 0
 
     def make_output(self) -> Optional[RequestOutput]:

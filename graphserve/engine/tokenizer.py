@@ -12,7 +12,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 _CHAT_TEMPLATE_FILE = "chat_template.jinja"
-_GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
 def get_tokenizer(
@@ -36,9 +35,9 @@ def get_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = load_chat_template(chat_template)
     elif tokenizer.chat_template is None:
-        # transformers 5 reads chat_template.jinja, tokenizer_config.json and GGUF metadata itself; this covers
-        # layouts it skips (e.g. a template file next to a GGUF) so a missing template is never silent.
-        tokenizer.chat_template = _find_checkpoint_chat_template(tokenizer_dir, gguf_file)
+        # transformers 5 reads chat_template.jinja and tokenizer_config.json of a directory, and the GGUF metadata
+        # of a GGUF, but ignores the files next to a GGUF: a template placed there must still count.
+        tokenizer.chat_template = _find_chat_template_file(tokenizer_dir)
     get_token_info(tokenizer)  # warm the cache: the first request should not pay for it
     return tokenizer
 
@@ -53,32 +52,19 @@ def load_chat_template(chat_template: str) -> str:
     raise ValueError(f"chat_template {chat_template!r} is neither an existing file nor a Jinja template")
 
 
-def _find_checkpoint_chat_template(tokenizer_dir: str, gguf_file: Optional[str]) -> Optional[str]:
+def _find_chat_template_file(tokenizer_dir: str) -> Optional[str]:
     path = os.path.join(tokenizer_dir, _CHAT_TEMPLATE_FILE)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            template = json.load(f).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default")
-        if isinstance(template, str):
-            return template
-    if gguf_file is not None:
-        return _read_gguf_chat_template(os.path.join(tokenizer_dir, gguf_file))
-    return None
-
-
-def _read_gguf_chat_template(path: str) -> Optional[str]:
-    from gguf import GGUFReader  # lazy: only GGUF checkpoints need it
-
-    field = GGUFReader(path).fields.get(_GGUF_CHAT_TEMPLATE_KEY)
-    if field is None or not field.data:
+    if not os.path.isfile(config_path):
         return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    with open(config_path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template if isinstance(template, str) else None
 
 
 @contextlib.contextmanager

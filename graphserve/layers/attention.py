@@ -4,8 +4,6 @@ Like vLLM's `unified_attention_with_output`, the op receives only q/k/v, a preal
 layer id; it finds the layer's backend impl, KV cache and the step's metadata at run time. torch.compile
 therefore traces no metadata, and the compile layer can split the graph at this op (piecewise graphs).
 """
-from __future__ import annotations
-
 import itertools
 import weakref
 
@@ -34,7 +32,11 @@ def _unified_attention_ref(
     ctx = peek_forward_context()
     # No context at all (a bare model call) behaves like a profiling run: plain causal attention.
     attn_metadata = ctx.attn_metadata if ctx is not None else None
-    kv_cache = ctx.kv_caches[layer.layer_idx] if attn_metadata is not None else None
+    kv_cache = None
+    if attn_metadata is not None:
+        if layer.layer_idx >= len(ctx.kv_caches):
+            raise RuntimeError(f"forward context has {len(ctx.kv_caches)} KV caches; layer {layer.layer_idx} needs one")
+        kv_cache = ctx.kv_caches[layer.layer_idx]
     num_tokens = query.shape[0]
     layer.impl.forward(
         query.reshape(num_tokens, layer.num_heads, layer.head_size),

@@ -92,7 +92,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(inv_freq: torch.Tensor, base: float, rotary_dim: int, max_position: int, s: dict) -> tuple[torch.Tensor, float]:
+def _yarn(
+    inv_freq: torch.Tensor, base: float, rotary_dim: int, max_position: int, s: dict
+) -> tuple[torch.Tensor, float]:
     """Blend interpolated (low-frequency) and original (high-frequency) dims with a linear ramp."""
     original = s.get("original_max_position_embeddings", max_position)
     factor = s.get("factor") or max_position / original
@@ -165,7 +167,9 @@ def _dynamic_inv_freq(
     return 1.0 / bases.unsqueeze(1) ** exponent
 
 
-def _longrope_parts(inv_freq: torch.Tensor, max_position: int, s: dict) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def _longrope_parts(
+    inv_freq: torch.Tensor, max_position: int, s: dict
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """(short inv_freq, long inv_freq, attention_factor, original_max_position_embeddings)."""
     original = s.get("original_max_position_embeddings", max_position)
     factor = s.get("factor") or max_position / original

@@ -97,8 +97,9 @@ def _load_hf_config(model_dir: str) -> Any:
 
 
 def _config_dtype_name(hf_config: Any) -> str | None:
-    # transformers 5 calls it `dtype`; 4.x configs say `torch_dtype` (both may hold a string or a torch.dtype).
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers 5 reads a config.json's `torch_dtype` into `dtype` (and warns when `torch_dtype` is
+    # accessed); only transformers 4 objects lack `dtype`. The value may be a string or a torch.dtype.
+    value = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
     if value is None:
         return None
     return str(value).removeprefix("torch.")
@@ -117,8 +118,31 @@ def _resolve_dtype(dtype: str, hf_config: Any) -> str:
         raise ValueError(f"Checkpoint dtype {config_dtype!r} is not supported; pass dtype explicitly") from None
 
 
-def _resolve_max_model_len(max_model_len: int | None, hf_config: Any) -> int:
+def _rope_scaling_dict(hf_config: Any) -> dict[str, Any]:
+    # transformers 5: `rope_parameters` (rope_type, factor, ...); 4.x: `rope_scaling` (type or rope_type).
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def _derive_max_model_len(hf_config: Any) -> int | None:
+    """The trained context, stretched by context-extending RoPE scaling as vLLM does.
+
+    linear/dynamic multiply max_position_embeddings by the factor; yarn multiplies its
+    original_max_position_embeddings; llama3 and longrope configs already state the extended length.
+    """
     derived = next((getattr(hf_config, key) for key in _MAX_LEN_KEYS if getattr(hf_config, key, None)), None)
+    rope = _rope_scaling_dict(hf_config)
+    rope_type = rope.get("rope_type") or rope.get("type")
+    factor = rope.get("factor")
+    if derived is None or not factor or rope_type not in ("linear", "dynamic", "yarn"):
+        return derived
+    if rope_type == "yarn":
+        derived = rope.get("original_max_position_embeddings", derived)
+    return int(derived * factor)
+
+
+def _resolve_max_model_len(max_model_len: int | None, hf_config: Any) -> int:
+    derived = _derive_max_model_len(hf_config)
     if max_model_len is None:
         if derived is None:
             raise ValueError(f"The model config has none of {_MAX_LEN_KEYS}; pass max_model_len explicitly")
@@ -127,7 +151,7 @@ def _resolve_max_model_len(max_model_len: int | None, hf_config: Any) -> int:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
     if derived is not None and max_model_len > derived:
         raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's maximum context length "
-                         f"({derived}, from the config's max_position_embeddings)")
+                         f"({derived}, from the config's max_position_embeddings and RoPE scaling)")
     return max_model_len
 
 

@@ -272,6 +272,15 @@ def test_runner_that_samples_nothing_for_a_complete_input_is_an_error():
         scheduler.update_from_output(so, ModelRunnerOutput(["r"], [[]]))
 
 
+def test_runner_output_must_cover_every_scheduled_request():
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", 4))
+    scheduler.add_request(make_request("b", 4))
+    so = scheduler.schedule()
+    with pytest.raises(RuntimeError, match="every scheduled request"):
+        scheduler.update_from_output(so, ModelRunnerOutput(["a"], [[5]]))
+
+
 def test_abort_of_waiting_and_running_requests_frees_blocks_silently():
     scheduler = make_scheduler(max_num_seqs=1)
     runner = FakeRunner(scheduler)

@@ -54,3 +54,15 @@ def tokenizer(tokenizer_dir):
     from graphserve.engine.tokenizer import get_tokenizer
 
     return get_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    """The builder itself, for tests that save or convert a fresh tokenizer."""
+    return build_byte_level_tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_template() -> str:
+    """The chat template saved with `tokenizer_dir`."""
+    return CHAT_TEMPLATE

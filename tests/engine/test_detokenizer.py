@@ -42,7 +42,6 @@ def test_streaming_equals_full_decode_and_never_emits_partial_chars(tokenizer, t
         detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         deltas = stream(detok, output_ids)
         assert "".join(deltas) == tokenizer.decode(output_ids) == text
-        assert detok.output_text == text
         assert not any("\ufffd" in d for d in deltas)
         assert deltas[-1] == ""  # valid text: nothing was left for flush()
 
@@ -53,16 +52,35 @@ def test_emoji_split_into_four_bytes_is_held_until_complete(tokenizer):
     assert [detok.update([i]) for i in ids] == ["a", "", "", "", "😀"]
 
 
-def test_random_token_sequences_equal_full_decode(tokenizer):
+def _reference_text(tokenizer, ids: list[int], skip: bool, spaces: bool) -> str:
+    """HF slow-tokenizer decoding: special tokens raw, other runs decoded together, pieces joined."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    pieces, run = [], []
+    for token_id in ids:
+        if token_id not in special:
+            run.append(token_id)
+        elif not skip:
+            pieces += ([tokenizer.decode(run)] if run else []) + [tokenizer.convert_ids_to_tokens(token_id)]
+            run = []
+    pieces += [tokenizer.decode(run)] if run else []
+    return (" " if spaces else "").join(pieces)
+
+
+@pytest.mark.parametrize("skip, spaces", [(True, True), (False, False), (False, True)])
+def test_random_token_sequences_equal_full_decode(tokenizer, skip, spaces):
     rng = random.Random(0)
     vocab = len(tokenizer)
-    for trial in range(150):
+    for _ in range(100):
         ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 25))]
-        skip = trial % 2 == 0
         chunks = [rng.randrange(1, 4) for _ in range(3)]  # several tokens per step, like speculative decoding
-        detok = IncrementalDetokenizer(tokenizer, [0, 5, 6], skip_special_tokens=skip)
+        # The prompt's tail holds a special token (0 = "<s>"): it must not be separated from the output.
+        detok = IncrementalDetokenizer(tokenizer, [0, 5, 0], skip_special_tokens=skip,
+                                       spaces_between_special_tokens=spaces)
         deltas = stream(detok, ids, chunks)
-        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip), ids
+        text = "".join(deltas)
+        assert text == _reference_text(tokenizer, ids, skip, spaces), ids
+        if not (skip is False and spaces is True):
+            assert text == tokenizer.decode(ids, skip_special_tokens=skip)  # byte-level: glued == decode()
         # Only flush() may end with an incomplete character.
         assert not any(d.endswith("\ufffd") for d in deltas[:-1])
 
@@ -71,11 +89,25 @@ def test_skip_special_tokens_and_added_tokens(tokenizer):
     eos, tool = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<tool>")
     ids = tokenizer("Hi", add_special_tokens=False).input_ids + [eos, tool] + tokenizer(
         " there", add_special_tokens=False).input_ids
-    shown = "".join(stream(IncrementalDetokenizer(tokenizer, [0], skip_special_tokens=False), ids))
-    hidden = "".join(stream(IncrementalDetokenizer(tokenizer, [0], skip_special_tokens=True), ids))
-    assert shown == "Hi<|im_end|><tool> there" == tokenizer.decode(ids)
-    # "<tool>" is an added but not special token: skip_special_tokens keeps it, like decode().
-    assert hidden == "Hi<tool> there" == tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(**kw):
+        return "".join(stream(IncrementalDetokenizer(tokenizer, [0], **kw), ids))
+
+    # "<tool>" is an added but not special token: ordinary text, never skipped, never spaced.
+    assert text(skip_special_tokens=True) == "Hi<tool> there" == tokenizer.decode(ids, skip_special_tokens=True)
+    assert text(skip_special_tokens=False) == "Hi <|im_end|> <tool> there"
+    glued = text(skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert glued == "Hi<|im_end|><tool> there" == tokenizer.decode(ids)
+
+
+def test_special_tokens_right_after_the_prompt(tokenizer):
+    prompt = tokenizer("The prompt").input_ids
+    ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|im_start|>"])
+    spaced = stream(IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=False), ids)
+    assert spaced == ["<|im_start|>", " <|im_end|>", " <|im_start|>", ""]
+    glued = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert "".join(stream(glued, ids)) == "<|im_start|><|im_end|><|im_start|>"
+    assert "".join(stream(IncrementalDetokenizer(tokenizer, prompt), ids)) == ""
 
 
 def test_ids_past_the_tokenizer_vocab_decode_to_nothing(tokenizer):

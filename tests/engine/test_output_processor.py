@@ -201,7 +201,9 @@ def test_sample_logprobs_and_decoded_tokens(tokenizer):
 @pytest.mark.parametrize("include", [False, True])
 def test_eos_text_is_hidden_unless_included(tokenizer, include):
     processor = OutputProcessor(tokenizer)
-    params = SamplingParams(skip_special_tokens=False, include_stop_str_in_output=include)
+    params = SamplingParams(
+        skip_special_tokens=False, spaces_between_special_tokens=False, include_stop_str_in_output=include
+    )
     add(processor, tokenizer, params)
     token_ids = ids_of(tokenizer, "Paris.") + [tokenizer.eos_token_id]
     outputs, stopped = processor.process_outputs(

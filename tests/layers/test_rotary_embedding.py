@@ -140,7 +140,9 @@ def test_cache_matches_hf_token_by_token_decoding(name, scaling, max_pos, positi
         torch.testing.assert_close(rope.cos_sin_cache[pos], expected, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("scaling", [None, LLAMA31, {"type": "linear", "factor": 2.0}], ids=["plain", "llama3", "linear"])
+@pytest.mark.parametrize(
+    "scaling", [None, LLAMA31, {"type": "linear", "factor": 2.0}], ids=["plain", "llama3", "linear"]
+)
 def test_module_matches_hf_apply_rotary_pos_emb(scaling):
     d, num_heads, num_kv_heads, num_tokens = 64, 4, 2, 9
     max_pos = 131072 if scaling is LLAMA31 else 2048
@@ -204,7 +206,8 @@ def test_get_rope_parameters_reads_both_transformers_spellings():
 
 
 def test_get_partial_rotary_factor():
-    assert get_partial_rotary_factor(SimpleNamespace(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.4})) == 0.4
+    v5 = SimpleNamespace(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.4})
+    assert get_partial_rotary_factor(v5) == 0.4
     assert get_partial_rotary_factor(SimpleNamespace(rotary_pct=0.25, rope_theta=1e4)) == 0.25
     assert get_partial_rotary_factor(LlamaConfig()) == 1.0
 

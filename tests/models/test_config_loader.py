@@ -68,6 +68,10 @@ def test_max_model_len_defaults_and_limits(tiny_checkpoint):
         create_model_config(path, max_model_len=129)
     with pytest.raises(ValueError, match="max_model_len"):
         create_model_config(path, max_model_len=0)
+    # Context-extending RoPE scaling stretches the limit (linear x2; yarn: original 32 x 4; llama3: as stated).
+    assert create_model_config(tiny_checkpoint("llama_linear_rope")[0]).max_model_len == 256
+    assert create_model_config(tiny_checkpoint("llama_yarn_rope")[0]).max_model_len == 128
+    assert create_model_config(tiny_checkpoint("llama_llama3_rope")[0]).max_model_len == 128
 
 
 def test_eos_ids_merge_generation_config(tiny_checkpoint, tmp_path):

@@ -87,7 +87,8 @@ def test_sliding_window_changes_the_result():
     outs = []
     for window in (0, 3):
         out = torch.empty(int(qsl[-1]), NUM_HEADS, HEAD_SIZE)
-        paged_attention(out, torch.cat(queries), key_cache, value_cache, block_table, seq_lens, qsl, 0.25, window, 9, 17)
+        query = torch.cat(queries)
+        paged_attention(out, query, key_cache, value_cache, block_table, seq_lens, qsl, 0.25, window, 9, 17)
         outs.append(out)
     # Decodes at seq_len 1 and 3 see all their keys through a window of 3; longer contexts lose some.
     torch.testing.assert_close(outs[0][:2], outs[1][:2])
@@ -125,7 +126,8 @@ def test_reshape_and_cache_into_strided_cache_view():
 
 
 def test_opcheck():
-    queries, _, _, key_cache, value_cache, block_table, seq_lens, qsl = _paged_batch(BATCH[:4] + BATCH[7:8], torch.float32)
+    batch = BATCH[:4] + BATCH[7:8]
+    queries, _, _, key_cache, value_cache, block_table, seq_lens, qsl = _paged_batch(batch, torch.float32)
     query = torch.cat(queries)
     out = torch.empty_like(query)
     args = (out, query, key_cache, value_cache, block_table, seq_lens, qsl, 0.25, 0, 5, 17)

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each script prints and writes a JSON record."""
