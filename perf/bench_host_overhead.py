@@ -57,14 +57,17 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--output-kind", default="final_only", choices=["final_only", "delta", "cumulative"],
+                        help="final_only is what LLM.generate uses; delta is what streaming serving uses")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from graphserve.sampling_params import SamplingParams
+    from graphserve.sampling_params import RequestOutputKind, SamplingParams
 
     with tempfile.TemporaryDirectory() as path:
         engine = build_engine(path, args.num_requests, args.steps + 50)
-        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 50, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 50, ignore_eos=True,
+                                output_kind=RequestOutputKind[args.output_kind.upper()])
         for i in range(args.num_requests):
             engine.add_request(str(i), {"prompt_token_ids": [5 + (i + j) % 400 for j in range(args.prompt_len)]},
                                params)
@@ -89,6 +92,7 @@ def main() -> None:
                 parts[key].append((b - a) / 1e6)
     results = {
         "num_running_requests": args.num_requests,
+        "output_kind": args.output_kind,
         "steps": args.steps,
         "step_ms_median": round(statistics.median(times), 4),
         "step_ms_p90": round(sorted(times)[int(0.9 * len(times))], 4),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from typing import Iterable
 
@@ -24,6 +25,10 @@ class EngineCore:
         cache_config = dataclasses.replace(config.cache_config, num_blocks=num_blocks)
         self.config = dataclasses.replace(config, cache_config=cache_config)
         self.scheduler = Scheduler(config.scheduler_config, cache_config)
+        # Everything built so far (model, tokenizer, library state) lives for the whole run: move it out of the
+        # collector's reach so full collections during serving do not walk it (they cost ~1 ms per step).
+        gc.collect()
+        gc.freeze()
 
     def add_request(self, request: Request) -> None:
         """Queue a request (raises ValueError if it can never fit)."""

@@ -38,6 +38,9 @@ class _SequenceState:
         )
         self.stop_checker = StopChecker(params.stop or [], params.include_stop_str_in_output)
         self.text = ""
+        # A FINAL_ONLY sequence without stop strings needs its text only at the end: detokenize it once then.
+        self.defer_text = params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
+        self.num_detokenized = 0  # token_ids[:this] went through the detokenizer
         self.token_ids: list[int] = []
         self.cumulative_logprob = 0.0
         self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
@@ -217,10 +220,13 @@ class OutputProcessor:
         child.cumulative_logprob += sum(output.new_sampled_logprobs)
         if child.logprobs is not None and output.new_logprobs is not None:
             child.logprobs.extend(self._sample_logprobs(output.new_logprobs, params.logprobs))
+        if child.defer_text and not output.finished:
+            return False
+        detokenized_ids = child.token_ids[child.num_detokenized:]
+        child.num_detokenized = len(child.token_ids)
         # EOS / stop token ids end the sequence without showing their text (vLLM V1), unless asked to.
-        detokenized_ids = new_token_ids
         if output.finish_reason == "stop" and new_token_ids and not params.include_stop_str_in_output:
-            detokenized_ids = new_token_ids[:-1]
+            detokenized_ids = detokenized_ids[:-1]
         delta = child.detokenizer.update(detokenized_ids)
         if output.finished:
             delta += child.detokenizer.flush()

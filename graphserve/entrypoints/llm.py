@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 from graphserve.engine.arg_utils import EngineArgs
 from graphserve.engine.llm_engine import LLMEngine
 from graphserve.outputs import RequestOutput
-from graphserve.sampling_params import SamplingParams
+from graphserve.sampling_params import RequestOutputKind, SamplingParams
 
 PromptInput = Union[str, list[int], dict]
 
@@ -94,6 +94,9 @@ class LLM:
         request_ids = []
         try:
             for prompt, params in zip(prompts, params_list):
+                # Offline callers read only finished outputs: skip building per-step ones (vLLM V1 does too).
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._request_counter))
                 engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens)
                 request_ids.append(request_id)

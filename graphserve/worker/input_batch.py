@@ -49,7 +49,7 @@ class CachedRequestState:
 
 @dataclass
 class BatchInputs:
-    """Host-side (numpy) inputs of one step, in scheduling order. Slices of persistent buffers."""
+    """Host-side (numpy) inputs of one step, in scheduling order."""
 
     req_ids: list[str]
     input_ids: np.ndarray  # [num_tokens] int64
@@ -64,55 +64,62 @@ class BatchInputs:
 
 
 class InputBatch:
-    """Builds the flat batch from scheduled requests into preallocated numpy buffers (no per-step allocs)."""
+    """Builds the flat batch of one step from the scheduled requests.
+
+    Decode-only requests (one token) take a scalar fast path; everything is gathered in Python lists and turned
+    into numpy arrays once, so the per-request cost is a handful of list appends.
+    """
 
     def __init__(self, max_num_tokens: int, max_num_reqs: int, max_model_len: int, block_size: int) -> None:
         self.block_size = block_size
+        self.max_num_tokens = max_num_tokens
+        self.max_num_reqs = max_num_reqs
         self.max_blocks_per_req = -(-max_model_len // block_size)
-        self._input_ids = np.zeros(max_num_tokens, dtype=np.int64)
-        self._positions = np.zeros(max_num_tokens, dtype=np.int64)
-        self._slot_mapping = np.zeros(max_num_tokens, dtype=np.int64)
-        self._query_lens = np.zeros(max_num_reqs, dtype=np.int32)
-        self._seq_lens = np.zeros(max_num_reqs, dtype=np.int32)
-        self._query_start_loc = np.zeros(max_num_reqs + 1, dtype=np.int32)
-        self._block_table = np.zeros((max_num_reqs, self.max_blocks_per_req), dtype=np.int32)
-        self._arange = np.arange(max(max_num_tokens, max_model_len), dtype=np.int64)
 
     def prepare(self, states: list[CachedRequestState], num_scheduled: list[int]) -> BatchInputs:
         """Flatten the scheduled chunk of every request into one token dimension."""
-        num_reqs = len(states)
-        total = 0
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
         sampling: list[int] = []
         logits_idx: list[int] = []
-        bs = self.block_size
-        self._query_start_loc[0] = 0
         for i, (st, n) in enumerate(zip(states, num_scheduled)):
             start = st.num_computed_tokens
             end = start + n
-            pos = self._positions[total : total + n]
-            np.add(self._arange[:n], start, out=pos)
-            self._input_ids[total : total + n] = st.token_at(start, end)
-            nb = len(st.block_ids)
-            row = self._block_table[i]
-            row[:nb] = st.block_ids
-            block_idx = pos // bs
-            self._slot_mapping[total : total + n] = row[block_idx] * bs + pos % bs
-            self._query_lens[i] = n
-            self._seq_lens[i] = end
-            total += n
-            self._query_start_loc[i + 1] = total
+            blocks = st.block_ids
+            if n == 1:
+                prompt_len = len(st.prompt_token_ids)
+                input_ids.append(
+                    st.output_token_ids[start - prompt_len] if start >= prompt_len else st.prompt_token_ids[start]
+                )
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(st.token_at(start, end))
+                pos = range(start, end)
+                positions.extend(pos)
+                slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + n)
             if end >= st.num_tokens:
                 sampling.append(i)
-                logits_idx.append(total - 1)
+                logits_idx.append(query_start_loc[-1] - 1)
+        width = max(len(st.block_ids) for st in states)
+        pad = [0] * width
+        block_table = np.array([st.block_ids + pad[len(st.block_ids):] for st in states], dtype=np.int32)
+        query_start_loc_np = np.asarray(query_start_loc, dtype=np.int32)
         return BatchInputs(
             req_ids=[st.req_id for st in states],
-            input_ids=self._input_ids[:total],
-            positions=self._positions[:total],
-            slot_mapping=self._slot_mapping[:total],
-            query_lens=self._query_lens[:num_reqs],
-            seq_lens=self._seq_lens[:num_reqs],
-            query_start_loc=self._query_start_loc[: num_reqs + 1],
-            block_table=self._block_table[:num_reqs],
+            input_ids=np.asarray(input_ids, dtype=np.int64),
+            positions=np.asarray(positions, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
+            query_lens=np.diff(query_start_loc_np),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            query_start_loc=query_start_loc_np,
+            block_table=block_table,
             sampling_req_indices=sampling,
             logits_indices=np.asarray(logits_idx, dtype=np.int64),
         )
