@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128, help="random-token prompts (ignored with --chat)")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--chat", action="store_true", help="chat-templated natural-language prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the random workload")
     parser.add_argument("--out", default=None)
     from graphserve.engine.arg_utils import EngineArgs
 
@@ -57,11 +57,11 @@ def main() -> None:
     tok = llm.get_tokenizer()
     if args.chat:
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in chat_prompts(args.num_prompts, args.seed)]
+                 for c in chat_prompts(args.num_prompts, args.prompt_seed)]
         prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
     else:
         prompts = random_token_prompts(args.num_prompts, args.input_len, llm.llm_engine.model_config.vocab_size,
-                                       args.seed)
+                                       args.prompt_seed)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
     t0 = time.perf_counter()
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
