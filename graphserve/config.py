@@ -53,6 +53,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; None = fraction of free memory
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # resolved by the worker after sizing
+    enable_prefix_caching: bool = True  # share full KV blocks between requests by content hash
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -93,6 +94,47 @@ class DeviceConfig:
     device: str = "auto"
 
 
+def default_cudagraph_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, then every multiple of 8, up to max_num_seqs (itself included, so every decode batch has a bucket)."""
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return tuple(sizes)
+
+
+class CompilationLevel:
+    """How the model forward runs (vLLM's `compilation_config.level` numbering, first two levels)."""
+
+    NO_COMPILATION = 0  # eager PyTorch
+    INDUCTOR = 1  # torch.compile(fullgraph=True) with inductor; custom ops opaque, only the token dim dynamic
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    """torch.compile and CUDA/HIP graph settings, resolved per platform by EngineArgs (see graphserve/compile/__init__.py)."""
+
+    level: int = CompilationLevel.NO_COMPILATION
+    use_cudagraph: bool = False  # replay decode batches from graphs captured at start-up
+    cudagraph_capture_sizes: tuple[int, ...] = ()  # decode batch buckets, ascending; a batch pads up to one
+    # Inductor config patches, passed to each compile call (never set on the global inductor config).
+    inductor_compile_config: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None  # persistent inductor cache; None leaves torch's own default
+
+    def __post_init__(self) -> None:
+        if self.level not in (CompilationLevel.NO_COMPILATION, CompilationLevel.INDUCTOR):
+            raise ValueError(f"compilation level must be 0 (eager) or 1 (inductor), got {self.level}")
+        sizes = self.cudagraph_capture_sizes
+        if any(not isinstance(s, int) or s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"cuda_graph_sizes must be distinct positive integers in ascending order, got {sizes}")
+        if self.use_cudagraph and not sizes:
+            raise ValueError("CUDA graphs need at least one capture size")
+
+    @property
+    def max_capture_size(self) -> int:
+        """The largest decode batch replayed from a graph (0 without graphs)."""
+        return self.cudagraph_capture_sizes[-1] if self.use_cudagraph else 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The whole tree, built once by `EngineArgs.create_engine_config()`."""
@@ -101,3 +143,4 @@ class EngineConfig:
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    compilation_config: CompilationConfig = field(default_factory=CompilationConfig)

@@ -49,6 +49,7 @@ def build_engine(path: str, num_requests: int, max_tokens: int):
     engine = LLMEngine.from_engine_args(args)
     runner = engine.engine_core.model_runner
     runner.model = StubModel(engine.model_config.hidden_size, engine.model_config.vocab_size)
+    runner.forward_fn = runner.model  # the runner calls forward_fn (the model's forward, or its compiled wrapper)
     return engine
 
 

@@ -5,6 +5,7 @@ looks it up at run time, so changing batches cause no guards to fail and no reco
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ class ForwardContext:
     kv_caches: Sequence[tuple["torch.Tensor", "torch.Tensor"]]  # per layer (key_cache, value_cache)
 
 
-_forward_context: ForwardContext | None = None
+# Per thread: each engine runs its forwards on its own thread (the server's engine-core thread, the caller's for
+# the offline LLM), and two engines in one process must not see each other's metadata.
+_local = threading.local()
 
 
 @contextmanager
@@ -33,22 +36,22 @@ def set_forward_context(
     kv_caches: Sequence[tuple["torch.Tensor", "torch.Tensor"]] | None,
 ) -> Iterator[ForwardContext]:
     """Make `attn_metadata` and `kv_caches` visible to attention layers for the duration of the block."""
-    global _forward_context
-    previous = _forward_context
-    _forward_context = ForwardContext(attn_metadata, kv_caches if kv_caches is not None else [])
+    previous = getattr(_local, "context", None)
+    context = _local.context = ForwardContext(attn_metadata, kv_caches if kv_caches is not None else [])
     try:
-        yield _forward_context
+        yield context
     finally:
-        _forward_context = previous
+        _local.context = previous
 
 
 def get_forward_context() -> ForwardContext:
     """The current forward context; raises if no `set_forward_context` block is active."""
-    if _forward_context is None:
+    context = getattr(_local, "context", None)
+    if context is None:
         raise RuntimeError("no forward context: run the model inside `with set_forward_context(...)`")
-    return _forward_context
+    return context
 
 
 def peek_forward_context() -> ForwardContext | None:
     """The current forward context, or None outside any `set_forward_context` block."""
-    return _forward_context
+    return getattr(_local, "context", None)

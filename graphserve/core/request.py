@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -45,6 +46,7 @@ class Request:
         sampling_params: "SamplingParams",
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: Optional[float] = None,
+        cache_salt: Optional[str] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -60,6 +62,15 @@ class Request:
         self.stop_reason: int | str | None = None
         # Resolved by the engine: max_tokens may be None (= fill the context).
         self.max_tokens: int = sampling_params.max_tokens if sampling_params.max_tokens is not None else 0
+        # Prefix caching: a salt isolates the cache between tenants; hashes of the full blocks of all_token_ids.
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []
+        # Prompt tokens found in the prefix cache when first scheduled (reported in RequestOutput).
+        self.num_cached_tokens = 0
+        self.first_scheduled_time: Optional[float] = None  # time.monotonic() of the first admission
+        # Set by the KVCacheManager: once num_computed_tokens reaches it, the next full block can be cached
+        # (sys.maxsize while prefix caching is off or the request holds no blocks). One compare per step.
+        self.next_cache_boundary = sys.maxsize
 
     @property
     def num_tokens(self) -> int:

@@ -3,14 +3,21 @@
 Each step gives every request `num_tokens - num_computed_tokens` more tokens (prompt chunks and decode tokens
 alike), running requests first, then waiting ones in FCFS order. When the KV pool runs out, the newest running
 request is preempted (recompute: its blocks are freed and it starts over from the front of the waiting queue).
+
+With prefix caching a waiting request starts from the longest cached chain of its full blocks. A block becomes
+shareable only once computed, so a waiting request whose next block is being written by this very step (a
+sibling of `n > 1`, or the same system prompt arriving together) waits one step and then hits it instead of
+computing it a second time.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterable, Optional, Union
 
 from graphserve.config import CacheConfig, SchedulerConfig
 from graphserve.core.kv_cache_manager import KVCacheManager, cdiv
+from graphserve.core.kv_cache_utils import BlockHash
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler_output import (
     CachedRequestData,
@@ -72,13 +79,22 @@ class Scheduler:
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.block_size = cache_config.block_size
-        self.kv_cache_manager = KVCacheManager(cache_config.block_size, cache_config.num_blocks)
+        self.enable_prefix_caching = cache_config.enable_prefix_caching
+        self.kv_cache_manager = KVCacheManager(
+            cache_config.block_size, cache_config.num_blocks, enable_caching=self.enable_prefix_caching
+        )
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Finished, aborted or preempted since the last schedule(): the runner drops their state.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0  # total since start
+        # Prefix-cache stats, in tokens, cumulative since start: every admission of a request that may use the
+        # cache (also a resume after preemption) queries its num_tokens and hits the cached part of them.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        # Running requests that fill at least one block this step (their hashes must not be hit before update).
+        self._block_writers: list[Request] = []
 
     # -- requests in and out ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -143,6 +159,7 @@ class Scheduler:
         # After a preemption the pool is known to be short: admitting new work would only thrash.
         if not preempted:
             token_budget = self._schedule_waiting(token_budget, num_scheduled_tokens, new_reqs)
+        self._block_writers.clear()
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -182,6 +199,8 @@ class Scheduler:
                 preempted = preempted or preempted_now
                 if new_block_ids is None:
                     break  # the request preempted itself: everything after it already went too
+            if num_computed_tokens + num_new_tokens >= request.next_cache_boundary:
+                self._block_writers.append(request)
             cached_reqs.append(CachedRequestData(req_id, new_block_ids, num_computed_tokens))
             num_scheduled_tokens[req_id] = num_new_tokens
             token_budget -= num_new_tokens
@@ -202,35 +221,74 @@ class Scheduler:
     def _schedule_waiting(
         self, token_budget: int, num_scheduled_tokens: dict[str, int], new_reqs: list[NewRequestData]
     ) -> int:
-        """Admit waiting requests FCFS while budget, max_num_seqs and KV blocks allow; returns the budget left."""
+        """Admit waiting requests FCFS while budget, max_num_seqs and KV blocks allow; returns the budget left.
+
+        A request whose next cacheable block is being written this step is skipped (it keeps its place) so that
+        it hits that block next step.
+        """
         waiting, running = self.waiting, self.running
         kv_cache_manager = self.kv_cache_manager
+        being_written: Optional[set[BlockHash]] = None  # built on first need
+        deferred: list[Request] = []
         while waiting and token_budget > 0 and len(running) < self.max_num_seqs:
             request = waiting[0]
-            num_new_tokens = len(request.all_token_ids) - request.num_computed_tokens
+            computed_blocks, num_computed_tokens = kv_cache_manager.get_computed_blocks(request)
+            next_hash = kv_cache_manager.next_block_hash(request, len(computed_blocks))
+            if next_hash is not None:
+                if being_written is None:
+                    being_written = self._hashes_being_written(num_scheduled_tokens)
+                if next_hash in being_written:
+                    deferred.append(waiting.popleft())
+                    continue
+            num_new_tokens = request.num_tokens - num_computed_tokens
             if num_new_tokens > token_budget:
                 if not self.enable_chunked_prefill:
                     break  # strict FCFS: nobody overtakes the head of the queue
                 num_new_tokens = token_budget
-            if kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+            if kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
                 break
             waiting.popleft()
             running.append(request)
-            request.status = _RUNNING
-            req_id = request.request_id
-            new_reqs.append(
-                NewRequestData(
-                    req_id=req_id,
-                    prompt_token_ids=list(request.prompt_token_ids),
-                    output_token_ids=list(request.output_token_ids),  # non-empty when resumed after preemption
-                    sampling_params=request.sampling_params,
-                    block_ids=kv_cache_manager.get_block_ids(req_id),
-                    num_computed_tokens=request.num_computed_tokens,
-                )
-            )
-            num_scheduled_tokens[req_id] = num_new_tokens
+            self._admit(request, num_computed_tokens, new_reqs)
+            if being_written is not None:
+                being_written.update(kv_cache_manager.hashes_to_be_written(request, num_new_tokens))
+            elif request.num_computed_tokens + num_new_tokens >= request.next_cache_boundary:
+                self._block_writers.append(request)
+            num_scheduled_tokens[request.request_id] = num_new_tokens
             token_budget -= num_new_tokens
+        if deferred:
+            waiting.extendleft(reversed(deferred))
         return token_budget
+
+    def _admit(self, request: Request, num_computed_tokens: int, new_reqs: list[NewRequestData]) -> None:
+        """Mark an allocated waiting request running, starting after its cached prefix, and describe it."""
+        request.status = _RUNNING
+        request.num_computed_tokens = num_computed_tokens
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_computed_tokens  # as vLLM: the hit of the first scheduling
+            request.first_scheduled_time = time.monotonic()
+        if self.kv_cache_manager.can_use_cache(request):
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_computed_tokens
+        req_id = request.request_id
+        new_reqs.append(
+            NewRequestData(
+                req_id=req_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                output_token_ids=list(request.output_token_ids),  # non-empty when resumed after preemption
+                sampling_params=request.sampling_params,
+                block_ids=self.kv_cache_manager.get_block_ids(req_id),
+                num_computed_tokens=num_computed_tokens,
+            )
+        )
+
+    def _hashes_being_written(self, num_scheduled_tokens: dict[str, int]) -> set[BlockHash]:
+        """Hashes of the blocks that the requests scheduled so far fill this step."""
+        hashes_to_be_written = self.kv_cache_manager.hashes_to_be_written
+        being_written: set[BlockHash] = set()
+        for request in self._block_writers:
+            being_written.update(hashes_to_be_written(request, num_scheduled_tokens[request.request_id]))
+        return being_written
 
     def _preempt(self, request: Request) -> None:
         """Recompute-mode preemption: drop the KV, requeue at the front of the waiting queue."""
@@ -256,6 +314,7 @@ class Scheduler:
         prompt_logprobs = model_runner_output.prompt_logprobs
         requests = self.requests
         max_model_len = self.max_model_len
+        kv_cache_manager = self.kv_cache_manager
         outputs: list[EngineCoreOutput] = []
         num_finished = 0
         for req_id, token_ids in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids):
@@ -263,11 +322,14 @@ class Scheduler:
             if request is None or request.status is not _RUNNING:
                 continue  # finished from outside between schedule() and now
             request.num_computed_tokens += num_scheduled_tokens[req_id]
+            if request.num_computed_tokens >= request.next_cache_boundary:
+                kv_cache_manager.cache_blocks(request)  # full blocks just computed become shareable
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
             if not token_ids:  # partial prefill
                 self._check_partial(request)
                 if new_prompt_logprobs is not None:
-                    outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs))
+                    outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs,
+                                                    num_cached_tokens=request.num_cached_tokens))
                 continue
             if len(token_ids) == 1:  # the common case, kept free of extra calls
                 token_id = token_ids[0]
@@ -295,6 +357,8 @@ class Scheduler:
                     new_prompt_logprobs,
                     finish_reason,
                     request.stop_reason,
+                    request.num_cached_tokens,
+                    request.first_scheduled_time,
                 )
             )
         if num_finished:
@@ -344,6 +408,15 @@ class Scheduler:
     def num_waiting(self) -> int:
         """Requests queued (new or preempted)."""
         return len(self.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (e.g. after new weights); False, with nothing done, while blocks are in use."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """prefix_cache_hits / prefix_cache_queries since start (0.0 before any query)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def kv_cache_usage(self) -> float:

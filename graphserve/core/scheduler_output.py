@@ -82,6 +82,8 @@ class EngineCoreOutput:
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # time.monotonic() of the request's first scheduling (serving metrics: queue time = this - arrival_time).
+    first_scheduled_time: Optional[float] = None
 
     @property
     def finished(self) -> bool:

@@ -6,7 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from graphserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, normalize_dtype
+from graphserve.config import (
+    CacheConfig,
+    CompilationConfig,
+    CompilationLevel,
+    DeviceConfig,
+    EngineConfig,
+    SchedulerConfig,
+    default_cudagraph_capture_sizes,
+    normalize_dtype,
+)
 
 _GIB = 1 << 30
 
@@ -51,7 +60,11 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     chat_template: Optional[str] = None
+    enforce_eager: bool = False  # no torch.compile, no CUDA/HIP graphs
+    compile: Optional[bool] = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
+    cuda_graph_sizes: Optional[list[int]] = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -75,6 +88,7 @@ class EngineArgs:
             kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_blocks=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         scheduler_config = SchedulerConfig(
             max_model_len=max_len,
@@ -82,7 +96,33 @@ class EngineArgs:
             max_num_batched_tokens=max_batched,
             enable_chunked_prefill=self.enable_chunked_prefill,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(self.device))
+        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(self.device),
+                            self.create_compilation_config(self.max_num_seqs))
+
+    def create_compilation_config(self, max_num_seqs: int) -> CompilationConfig:
+        """Compile and graph defaults of the platform, overridden by enforce_eager / compile / cuda_graph_sizes."""
+        from graphserve import envs
+        from graphserve.platforms import resolve_platform
+
+        if self.enforce_eager and self.compile:
+            raise ValueError("enforce_eager and compile contradict each other; pass one of them")
+        capabilities = resolve_platform(self.device).capabilities
+        compile_model = capabilities.compile_by_default if self.compile is None else self.compile
+        use_graphs = capabilities.supports_graphs and not self.enforce_eager
+        if self.cuda_graph_sizes:
+            if any(int(s) < 1 for s in self.cuda_graph_sizes):
+                raise ValueError(f"cuda_graph_sizes must be positive, got {self.cuda_graph_sizes}")
+            # A decode batch never exceeds max_num_seqs, so larger buckets would only cost capture time.
+            sizes = sorted({min(int(s), max_num_seqs) for s in self.cuda_graph_sizes})
+        else:
+            sizes = list(default_cudagraph_capture_sizes(max_num_seqs))
+        return CompilationConfig(
+            level=CompilationLevel.INDUCTOR if compile_model and not self.enforce_eager
+            else CompilationLevel.NO_COMPILATION,
+            use_cudagraph=use_graphs,
+            cudagraph_capture_sizes=tuple(sizes) if use_graphs else (),
+            cache_dir=envs.GRAPHSERVE_COMPILE_CACHE_DIR,
+        )
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,7 +136,8 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded random sampling")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"],
                        help="weights source; dummy = random weights from config.json alone")
-        g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+        g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+                       help="where to run (auto: a GPU when there is one)")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
         g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
                        help="KV cache budget, e.g. 4GiB (default: a fraction of device memory)")
@@ -109,7 +150,15 @@ class EngineArgs:
                        help="token budget per step (prefill chunks + decodes)")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                        default=d.enable_chunked_prefill, help="split long prompts across steps")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d.enable_prefix_caching, help="reuse the KV of shared prompt prefixes (automatic)")
         g.add_argument("--chat-template", default=d.chat_template, help="a Jinja chat template or a file holding one")
+        g.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
+                       help="run the model eagerly: no torch.compile and no CUDA/HIP graphs")
+        g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                       help="torch.compile the model forward (default: on for GPUs, off on CPU)")
+        g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,
+                       help="decode batch sizes captured as CUDA/HIP graphs (default: 1 2 4 8 16 ... max-num-seqs)")
         return parser
 
     @classmethod

@@ -48,3 +48,7 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache; False while requests hold KV blocks."""
+        return self.scheduler.reset_prefix_cache()

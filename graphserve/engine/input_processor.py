@@ -17,6 +17,7 @@ PromptType = Union[str, list[int], dict[str, Any]]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")
+_PROMPT_DICT_KEYS = _PROMPT_KEYS + ("cache_salt",)  # cache_salt: prefix-cache isolation (vLLM's spelling)
 
 
 class InputProcessor:
@@ -88,6 +89,7 @@ class InputProcessor:
         Set add_special_tokens=False for chat-templated text, which already contains BOS.
         """
         prompt_token_ids = self._prompt_token_ids(prompt, add_special_tokens)
+        cache_salt = get_cache_salt(prompt)
         max_tokens = self._validate_lengths(len(prompt_token_ids), params.max_tokens)
         self._validate_params(params)
         parent_params = params.clone()
@@ -104,7 +106,8 @@ class InputProcessor:
             if parent_params.seed is not None:
                 child_params.seed = parent_params.seed + i
             request = Request(
-                child_id, prompt_token_ids, child_params, self.model_config.eos_token_ids, arrival_time
+                child_id, prompt_token_ids, child_params, self.model_config.eos_token_ids, arrival_time,
+                cache_salt=cache_salt,
             )
             request.max_tokens = max_tokens
             children.append(request)
@@ -112,10 +115,11 @@ class InputProcessor:
 
     def _prompt_token_ids(self, prompt: PromptType, add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, dict):
-            unknown = set(prompt) - set(_PROMPT_KEYS)
+            unknown = set(prompt) - set(_PROMPT_DICT_KEYS)
             if unknown or not set(prompt) & set(_PROMPT_KEYS):
                 raise ValueError(
-                    f"a prompt dict needs 'prompt' or 'prompt_token_ids' (and nothing else), got keys {sorted(prompt)}"
+                    "a prompt dict needs 'prompt' or 'prompt_token_ids' (and optionally 'cache_salt', nothing "
+                    f"else), got keys {sorted(prompt)}"
                 )
             # Token ids win when both are given: the text is then only what RequestOutput.prompt reports.
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
@@ -161,6 +165,16 @@ class InputProcessor:
             bad = next((t for t in token_ids if t >= self.vocab_size), None)
             if bad is not None:
                 raise ValueError(f"{name} has token id {bad}, out of vocabulary (vocab_size={self.vocab_size})")
+
+
+def get_cache_salt(prompt: PromptType) -> Optional[str]:
+    """The prompt dict's `cache_salt` (None when absent): requests with different salts never share KV blocks."""
+    if not isinstance(prompt, dict) or prompt.get("cache_salt") is None:
+        return None
+    salt = prompt["cache_salt"]
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:

@@ -85,6 +85,10 @@ class LLMEngine:
             self.engine_core.abort_requests(stopped_ids, RequestStatus.FINISHED_STOPPED)
         return request_outputs
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (e.g. after a weight update); False, with nothing done, while busy."""
+        return self.engine_core.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
 

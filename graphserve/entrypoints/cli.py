@@ -1,4 +1,4 @@
-"""The `graphserve` command: `generate` (offline, one-shot) and `env` (what this machine offers)."""
+"""The `graphserve` command: `serve` (the OpenAI-compatible server), `generate` (offline, one-shot), `env`."""
 from __future__ import annotations
 
 import argparse
@@ -60,40 +60,42 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_env(args: argparse.Namespace) -> int:
-    """`graphserve env`: platform, devices and library versions."""
-    import platform as py_platform
+    """`graphserve env`: versions, platform, devices and the kernel each op runs with."""
+    from graphserve.entrypoints.env_info import collect_env, format_env
 
-    import torch
-    import transformers
-
-    from graphserve import __version__
-    from graphserve.platforms import current_platform
-
-    plat = current_platform()
-    free, total = plat.mem_get_info(plat.device())
-    info = {
-        "graphserve": __version__,
-        "python": py_platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": plat.name.value,
-        "device": plat.device_name(),
-        "memory_free_gib": round(free / 2**30, 2),
-        "memory_total_gib": round(total / 2**30, 2),
-        "supports_graphs": plat.capabilities.supports_graphs,
-    }
-    for key, value in info.items():
-        print(f"{key:20s} {value}")
+    info = collect_env()
+    print(json.dumps(info, indent=2) if getattr(args, "json", False) else format_env(info))
     return 0
+
+
+def _add_serve_parser(subparsers) -> None:
+    from graphserve.entrypoints.openai.cli_args import make_arg_parser
+
+    p = subparsers.add_parser(
+        "serve",
+        help="start the OpenAI-compatible HTTP server",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...).",
+    )
+    make_arg_parser(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`graphserve serve`: run the OpenAI-compatible server until SIGTERM/SIGINT."""
+    from graphserve.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="graphserve", description="graphserve: LLM inference and serving")
-    parser.add_argument("--log-level", default="WARNING", help="python logging level")
+    parser.add_argument("--log-level", default=None, help="python logging level (default: INFO for serve, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
     _add_generate_parser(sub)
     env = sub.add_parser("env", help="print the platform, devices and versions")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(func=run_env)
     return parser
 
@@ -102,7 +104,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log_level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
     except ValueError as e:

@@ -32,6 +32,10 @@ class LLM:
         """The HF tokenizer the engine uses."""
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block; False while requests are running (never the case between calls)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Union[PromptInput, Sequence[PromptInput], None] = None,

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from graphserve.ops import sampling as sampling_ops
 from graphserve.worker.sampling_metadata import SamplingMetadata
 
 # q ~ Exp(1) can be exactly 0 on some backends; 0/0 would give NaN, which argmax treats as the maximum.
@@ -79,18 +80,33 @@ def _bin_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return counts[:, :vocab_size]
 
 
-def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+def penalize_logits(
+    logits: torch.Tensor,  # [B, V]
+    output_token_ids: torch.Tensor,  # [B, max_output_len] int64, right-padded with V
+    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
+    presence_penalties: torch.Tensor,  # [B] float32
+    frequency_penalties: torch.Tensor,  # [B] float32
+    repetition_penalties: torch.Tensor,  # [B] float32
+) -> torch.Tensor:
     """Repetition (HF: prompt + output tokens, positive logits divided, negative multiplied), then presence and
-    frequency (OpenAI: output tokens only, logit -= frequency * count + presence * (count > 0)). logits: [B, V]."""
+    frequency (OpenAI: output tokens only, logit -= frequency * count + presence * (count > 0))."""
     vocab_size = logits.shape[-1]
-    output_counts = _bin_counts(metadata.output_token_ids, vocab_size)  # [B, V]
-    if metadata.prompt_token_ids is not None:
-        seen = (_bin_counts(metadata.prompt_token_ids, vocab_size) > 0) | (output_counts > 0)
-        penalty = metadata.repetition_penalties.unsqueeze(1).expand_as(logits)
+    output_counts = _bin_counts(output_token_ids, vocab_size)  # [B, V]
+    if prompt_token_ids is not None:
+        seen = (_bin_counts(prompt_token_ids, vocab_size) > 0) | (output_counts > 0)
+        penalty = repetition_penalties.unsqueeze(1).expand_as(logits)
         penalty = torch.where(seen, penalty, torch.ones_like(penalty))
         logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits -= metadata.frequency_penalties.unsqueeze(1) * output_counts
-    logits -= metadata.presence_penalties.unsqueeze(1) * (output_counts > 0)
+    logits -= frequency_penalties.unsqueeze(1) * output_counts
+    logits -= presence_penalties.unsqueeze(1) * (output_counts > 0)
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Penalize logits [B, V] in place through `graphserve::apply_penalties` (penalize_logits on the CPU)."""
+    sampling_ops.apply_penalties(logits, metadata.output_token_ids, metadata.prompt_token_ids,
+                                 metadata.presence_penalties, metadata.frequency_penalties,
+                                 metadata.repetition_penalties)
     return logits
 
 
@@ -102,7 +118,9 @@ def apply_top_k_top_p(
     """Mask to -inf what falls outside each row's top-k and then outside its top-p nucleus.
 
     Ties with the k-th largest logit are kept. The nucleus is the smallest set of most likely tokens whose
-    probability reaches top_p; the most likely token always survives.
+    probability reaches top_p, plus the tokens tied with its least likely one; the most likely token always
+    survives. Keeping the whole tie makes the set independent of how the sort orders equal logits (backends
+    differ), and lets the CUDA kernel find it by threshold search, without a sort.
     """
     if top_k is None and top_p is None:
         return logits
@@ -112,9 +130,12 @@ def apply_top_k_top_p(
         sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
     if top_p is not None:
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1.0 - top_p).unsqueeze(1)
+        # top_p = 1 is off: without the second term such rows would lose their zero-probability tokens
+        # only when another row of the batch uses top-p.
+        drop = (cumulative <= (1.0 - top_p).unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
         drop[:, -1] = False
-        sorted_logits.masked_fill_(drop, float("-inf"))
+        smallest_kept = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
+        sorted_logits.masked_fill_(sorted_logits < smallest_kept, float("-inf"))
     return logits.scatter(1, sorted_idx, sorted_logits)
 
 
@@ -198,10 +219,13 @@ class Sampler(nn.Module):
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
             return greedy
-        logits = logits / metadata.temperature.unsqueeze(1)
-        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
-        if metadata.min_p is not None:
-            logits = apply_min_p(logits, metadata.min_p)
+        if metadata.top_k is None and metadata.top_p is None and metadata.min_p is None:
+            logits = logits / metadata.temperature.unsqueeze(1)
+        else:
+            # One op: temperature, apply_top_k_top_p and apply_min_p on the CPU, a sort-free kernel on CUDA.
+            logits = sampling_ops.apply_sampling_filters(
+                logits, metadata.temperature, metadata.top_k, metadata.top_p, metadata.min_p
+            )
         random = exponential_race(logits.softmax(dim=-1), metadata)
         if metadata.all_random:
             return random

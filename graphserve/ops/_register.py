@@ -79,3 +79,8 @@ def get_op(name: str) -> RegisteredOp:
         return _OPS[name]
     except KeyError:
         raise KeyError(f"graphserve::{name} is not registered; known: {sorted(_OPS)}") from None
+
+
+def registered_ops() -> dict[str, RegisteredOp]:
+    """Every op defined so far, by name (the platform reads which kernels each has)."""
+    return dict(_OPS)

@@ -21,9 +21,14 @@ def resolve_platform(device: str = "auto") -> "Platform":
         return CpuPlatform()
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no GPU is visible to torch")
-    from graphserve.platforms.cuda import CudaPlatform, RocmPlatform
+    # A ROCm build of torch answers to "cuda" too; torch.version.hip tells them apart.
+    if torch.version.hip:
+        from graphserve.platforms.rocm import RocmPlatform
 
-    return RocmPlatform() if torch.version.hip else CudaPlatform()
+        return RocmPlatform()
+    from graphserve.platforms.cuda import CudaPlatform
+
+    return CudaPlatform()
 
 
 def current_platform() -> "Platform":

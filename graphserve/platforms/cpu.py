@@ -1,11 +1,12 @@
 """The CPU platform: torch reference ops, no graphs; a real platform, not a fallback."""
 from __future__ import annotations
 
+import os
 import platform as _py_platform
 
 import torch
 
-from graphserve.platforms.interface import Platform, PlatformCapabilities, PlatformEnum
+from graphserve.platforms.interface import DeviceInfo, Platform, PlatformCapabilities, PlatformEnum
 
 # The KV pool on CPU shares RAM with everything else; like vLLM's VLLM_CPU_KVCACHE_SPACE default we take a
 # modest fixed share instead of a fraction of free memory.
@@ -30,7 +31,22 @@ class CpuPlatform(Platform):
     capabilities = PlatformCapabilities(supports_graphs=False, supports_bf16=True, supports_pin_memory=False)
 
     def device_name(self, index: int = 0) -> str:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
         return _py_platform.processor() or _py_platform.machine()
+
+    def device_info(self, index: int = 0) -> DeviceInfo:
+        _, total = self.mem_get_info(self.device())
+        return DeviceInfo(
+            index=0, name=f"{self.device_name()} ({os.cpu_count()} cores)", total_memory=total,
+            compute_capability=None, max_sm_clock_mhz=None, max_memory_clock_mhz=None, driver_version=None,
+            source="host",
+        )
 
     def mem_get_info(self, device: torch.device) -> tuple[int, int]:
         try:

@@ -7,13 +7,21 @@ import torch
 
 from graphserve.attention.backends.base import AttentionMetadataBuilder
 from graphserve.attention.forward_context import set_forward_context
-from graphserve.config import EngineConfig
+from graphserve.compile.cuda_graph import create_graph_runner
+from graphserve.compile.wrapper import create_forward_fn
+from graphserve.config import CompilationLevel, EngineConfig
 from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from graphserve.layers.sampler import Sampler, compute_topk_logprobs
 from graphserve.models.loader import get_model
 from graphserve.platforms import resolve_platform
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
 from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks
+from graphserve.worker.memory_profiler import (
+    dummy_forward,
+    dummy_sampler_run,
+    model_weight_bytes,
+    profile_kv_cache_memory,
+)
 from graphserve.worker.sampling_metadata import build_sampling_metadata
 
 logger = logging.getLogger(__name__)
@@ -37,20 +45,64 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.model_config.seed)
+        # Registers the platform's device kernels (Triton on CUDA/ROCm) before anything runs the model.
+        self.kernel_choices = self.platform.kernel_choices()
         self.model = get_model(self.model_config, self.device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.compilation_config = config.compilation_config
+        self.forward_fn = create_forward_fn(self.model, self.compilation_config)
+        self.graph_runner = create_graph_runner(
+            self.compilation_config, self.platform, self.kernel_choices, self.forward_fn,
+            max_model_len=sched.max_model_len, block_size=self.block_size,
+            hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
+        )
 
     def initialize_kv_cache(self) -> int:
         """Size and allocate the KV pool from the memory budget; returns the number of blocks."""
         cc = self.config.cache_config
-        available = self.platform.default_kv_cache_memory(self.device, cc.gpu_memory_utilization)
         self.num_blocks = determine_num_blocks(
-            self.model_config, cc, self.config.scheduler_config, self.dtype, available
+            self.model_config, cc, self.config.scheduler_config, self.dtype, self._kv_cache_budget()
         )
         self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+        self.compile_or_warm_up_model()
         return self.num_blocks
+
+    @torch.inference_mode()  # the mode serving runs in: compiling in another would compile a second graph
+    def _kv_cache_budget(self) -> int:
+        """Bytes the KV pool may take: profiled on GPUs, the platform's fixed share elsewhere."""
+        cc = self.config.cache_config
+        explicit = cc.num_blocks is not None or cc.kv_cache_memory is not None
+        if explicit or not self.platform.capabilities.supports_memory_profiling:
+            return self.platform.default_kv_cache_memory(self.device, cc.gpu_memory_utilization)
+        max_len = self.config.scheduler_config.max_model_len
+        # Compile (if enabled) before measuring, so the compiler's own allocations are not taken for activations.
+        dummy_forward(self.forward_fn, 2, max_len, self.device)
+        num_reqs = min(self.config.scheduler_config.max_num_seqs, self.max_num_tokens)
+
+        def max_step() -> None:
+            hidden_states = dummy_forward(self.forward_fn, self.max_num_tokens, max_len, self.device)
+            dummy_sampler_run(self.model, self.sampler, hidden_states, num_reqs, self.device)
+
+        graph_batch = None
+        if self.graph_runner is not None:
+            size = self.graph_runner.buckets.max_size
+            graph_batch = lambda: dummy_forward(self.forward_fn, size, max_len, self.device)  # noqa: E731
+        profile = profile_kv_cache_memory(self.platform, self.device, cc.gpu_memory_utilization,
+                                          model_weight_bytes(self.model), max_step, graph_batch)
+        return profile.kv_cache_bytes
+
+    @torch.inference_mode()
+    def compile_or_warm_up_model(self) -> None:
+        """Compile the forward now rather than on the first request, and capture the decode graphs."""
+        if self.graph_runner is not None:
+            free_before, _ = self.platform.mem_get_info(self.device)
+            self.graph_runner.capture(self.kv_caches)
+            free_after, _ = self.platform.mem_get_info(self.device)
+            logger.info("decode graphs hold %.2f GiB", (free_before - free_after) / (1 << 30))
+        elif self.compilation_config.level != CompilationLevel.NO_COMPILATION:
+            dummy_forward(self.forward_fn, 2, self.config.scheduler_config.max_model_len, self.device)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the scheduler's changes: drop finished/preempted requests, add new ones, extend block tables."""
@@ -89,6 +141,9 @@ class ModelRunner:
 
     def _forward(self, batch: BatchInputs) -> torch.Tensor:
         """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(len(batch.req_ids), batch.input_ids.shape[0]):
+            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table)
         attn_metadata = self.metadata_builder.build(
             query_lens=batch.query_lens,
             seq_lens=batch.seq_lens,
@@ -99,7 +154,7 @@ class ModelRunner:
         input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
         positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
         with set_forward_context(attn_metadata, self.kv_caches):
-            return self.model(input_ids, positions)
+            return self.forward_fn(input_ids, positions)
 
     def _sample(
         self, states: list[CachedRequestState], batch: BatchInputs, hidden_states: torch.Tensor

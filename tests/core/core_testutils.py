@@ -1,12 +1,15 @@
 """Shared helpers for the core tests: request/scheduler factories, a fake model runner, an integrity check."""
 from __future__ import annotations
 
+import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 from graphserve.config import CacheConfig, SchedulerConfig
 from graphserve.core.kv_cache_manager import cdiv
+from graphserve.core.kv_cache_utils import hash_block_tokens
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler import Scheduler
 from graphserve.core.scheduler_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
@@ -15,15 +18,31 @@ from graphserve.sampling_params import SamplingParams
 EOS_ID = 1
 
 
+def prompt_seed(req_id: str) -> int:
+    """The seed of a request's default prompt: distinct ids get (practically) distinct prompts."""
+    return zlib.crc32(req_id.encode())
+
+
 def make_prompt(prompt_len: int, seed: int = 0) -> list[int]:
     """Token ids in [2, 52): never EOS and never a token the fake runner samples."""
-    return [(i * 13 + seed) % 50 + 2 for i in range(prompt_len)]
+    rng = random.Random(seed)
+    return [rng.randrange(2, 52) for _ in range(prompt_len)]
 
 
-def make_request(req_id: str, prompt_len: int, max_tokens: int = 16, eos_token_ids=(EOS_ID,), **params) -> Request:
-    """A request with a deterministic prompt; extra kwargs go to SamplingParams."""
+def make_request(
+    req_id: str,
+    prompt_len: int = 0,
+    max_tokens: int = 16,
+    eos_token_ids=(EOS_ID,),
+    prompt: Optional[list[int]] = None,
+    cache_salt: Optional[str] = None,
+    **params,
+) -> Request:
+    """A request with the given prompt, or a deterministic one of `prompt_len`; extra kwargs go to SamplingParams."""
     sampling_params = SamplingParams(max_tokens=max_tokens, **params)
-    return Request(req_id, make_prompt(prompt_len, seed=len(req_id)), sampling_params, eos_token_ids=eos_token_ids)
+    if prompt is None:
+        prompt = make_prompt(prompt_len, seed=prompt_seed(req_id))
+    return Request(req_id, prompt, sampling_params, eos_token_ids=eos_token_ids, cache_salt=cache_salt)
 
 
 def make_scheduler(
@@ -33,6 +52,7 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_num_batched_tokens: int = 64,
     enable_chunked_prefill: bool = True,
+    enable_prefix_caching: bool = True,
 ) -> Scheduler:
     """A scheduler over a small pool."""
     scheduler_config = SchedulerConfig(
@@ -41,7 +61,10 @@ def make_scheduler(
         max_num_batched_tokens=max_num_batched_tokens,
         enable_chunked_prefill=enable_chunked_prefill,
     )
-    return Scheduler(scheduler_config, CacheConfig(block_size=block_size, num_blocks=num_blocks))
+    cache_config = CacheConfig(
+        block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
+    )
+    return Scheduler(scheduler_config, cache_config)
 
 
 def next_token(token_ids: list[int]) -> int:
@@ -54,6 +77,16 @@ class _RunnerState:
     token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int] = field(default_factory=list)
+    salt: Optional[str] = None
+    fingerprints: list[int] = field(default_factory=list)  # fingerprints[i]: of (salt, token_ids[:i + 1])
+
+    def fingerprint(self, pos: int) -> int:
+        """A stand-in for the KV of position `pos`: it depends on the salt and every token up to `pos`."""
+        fps = self.fingerprints
+        while len(fps) <= pos:
+            parent = fps[-1] if fps else hash(("salt", self.salt))
+            fps.append(hash((parent, self.token_ids[len(fps)])))
+        return fps[pos]
 
 
 class FakeRunner:
@@ -61,12 +94,19 @@ class FakeRunner:
 
     Samples one token for each request whose scheduled tokens complete its sequence (none for a partial prefill).
     Requests listed in `force_eos` get EOS_ID as their next sampled token.
+
+    It also simulates the KV cache: each computed position writes a fingerprint of (cache salt, its whole prefix)
+    into its slot, and each step first checks that every position a request attends to holds exactly its own
+    prefix's fingerprint (so a wrong prefix-cache hit, an evicted-while-shared block or a salt leak fails) and
+    that no block it writes is shared or cached.
     """
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.states: dict[str, _RunnerState] = {}
         self.force_eos: set[str] = set()
+        self.kv: dict[int, int] = {}  # slot -> fingerprint of the position written there
+        self.prefixes: dict[int, tuple[Optional[str], tuple[int, ...]]] = {}  # fingerprint -> (salt, prefix)
 
     def _apply(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -74,12 +114,31 @@ class FakeRunner:
         for new in so.scheduled_new_reqs:
             assert new.req_id not in self.states, f"{new.req_id} sent as new while the runner holds it"
             self.states[new.req_id] = _RunnerState(
-                list(new.prompt_token_ids) + list(new.output_token_ids), new.num_computed_tokens, list(new.block_ids)
+                list(new.prompt_token_ids) + list(new.output_token_ids), new.num_computed_tokens, list(new.block_ids),
+                salt=self.scheduler.requests[new.req_id].cache_salt,
             )
         for cached in so.scheduled_cached_reqs:
             state = self.states[cached.req_id]
             assert state.num_computed_tokens == cached.num_computed_tokens
             state.block_ids.extend(cached.new_block_ids)
+
+    def _slot(self, state: _RunnerState, pos: int) -> int:
+        block_size = self.scheduler.block_size
+        return state.block_ids[pos // block_size] * block_size + pos % block_size
+
+    def _check_reads(self, req_id: str, state: _RunnerState) -> None:
+        for pos in range(state.num_computed_tokens):
+            assert self.kv.get(self._slot(state, pos)) == state.fingerprint(pos), (req_id, pos)
+
+    def _write(self, state: _RunnerState, start: int, end: int) -> None:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        block_size = self.scheduler.block_size
+        for pos in range(start, end):
+            block = pool.blocks[state.block_ids[pos // block_size]]
+            assert block.ref_cnt == 1 and block.block_hash is None, f"writing into shared/cached {block}"
+            fp = state.fingerprint(pos)
+            self.kv[self._slot(state, pos)] = fp
+            self.prefixes[fp] = (state.salt, tuple(state.token_ids[: pos + 1]))
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """Check the message against the runner's own view, then 'compute' and sample."""
@@ -88,14 +147,20 @@ class FakeRunner:
         assert sorted(scheduled) == sorted(so.num_scheduled_tokens)
         assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
         block_size = self.scheduler.block_size
+        # Reads first, against the cache as the previous steps left it: no request may rely on a block that
+        # another request writes in this same step.
+        for req_id in so.num_scheduled_tokens:
+            self._check_reads(req_id, self.states[req_id])
         req_ids, sampled = [], []
         for req_id, num_tokens in so.num_scheduled_tokens.items():
             state = self.states[req_id]
             assert num_tokens >= 1
             assert state.block_ids == self.scheduler.kv_cache_manager.get_block_ids(req_id)
+            start = state.num_computed_tokens
             state.num_computed_tokens += num_tokens
             assert state.num_computed_tokens <= len(state.token_ids)
             assert len(state.block_ids) * block_size >= state.num_computed_tokens
+            self._write(state, start, state.num_computed_tokens)
             new_token_ids = []
             if state.num_computed_tokens == len(state.token_ids):
                 token_id = EOS_ID if req_id in self.force_eos else next_token(state.token_ids)
@@ -112,8 +177,18 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, lis
     return so, scheduler.update_from_output(so, runner.execute_model(so))
 
 
-def check_invariants(scheduler: Scheduler) -> None:
-    """Integrity of the pool, the block tables and the queues."""
+def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: Optional[str]) -> list[bytes]:
+    """The hash chain of the full blocks of `token_ids`, rebuilt from the spec (salt in the first block only)."""
+    hashes: list[bytes] = []
+    for i in range(len(token_ids) // block_size):
+        extra = ("cache_salt", cache_salt) if i == 0 and cache_salt is not None else None
+        hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size],
+                                        extra))
+    return hashes
+
+
+def check_invariants(scheduler: Scheduler, runner: Optional[FakeRunner] = None) -> None:
+    """Integrity of the pool, the block tables, the prefix-cache index and the queues."""
     kv = scheduler.kv_cache_manager
     pool = kv.block_pool
     holders = Counter(b.block_id for blocks in kv.req_to_blocks.values() for b in blocks)
@@ -138,6 +213,44 @@ def check_invariants(scheduler: Scheduler) -> None:
     for request in scheduler.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert request.num_computed_tokens == 0 and not kv.get_blocks(request.request_id)
+    check_prefix_cache(scheduler, runner)
+
+
+def check_prefix_cache(scheduler: Scheduler, runner: Optional[FakeRunner] = None) -> None:
+    """hash -> block index consistent; cached blocks full, computed and matching their hash chain."""
+    kv = scheduler.kv_cache_manager
+    pool = kv.block_pool
+    block_size = scheduler.block_size
+    cached = pool.cached_block_hash_to_block
+    for block_hash, block in cached.items():
+        assert block.block_hash == block_hash, block
+    assert sum(1 for b in pool.blocks if b.block_hash is not None) == len(cached), "a hashed block is not indexed"
+    if not scheduler.enable_prefix_caching:
+        assert not cached
+    for request in scheduler.running:
+        num_computed_blocks = request.num_computed_tokens // block_size
+        chain = reference_block_hashes(request.all_token_ids, block_size, request.cache_salt)
+        assert request.block_hashes == chain[: len(request.block_hashes)]
+        for i, block in enumerate(kv.get_blocks(request.request_id)):
+            if block.block_hash is not None:  # cached blocks are full and computed, under their chain hash
+                assert i < num_computed_blocks and block.block_hash == chain[i], (request, i, block)
+            if block.ref_cnt > 1:  # only cached blocks are ever shared
+                assert block.block_hash is not None, (request, i, block)
+    if runner is not None:
+        for block in pool.blocks:
+            if block.block_hash is not None:
+                _check_block_content(runner, block, block_size)
+
+
+def _check_block_content(runner: FakeRunner, block, block_size: int) -> None:
+    """The fake KV of a cached block: every slot written, one prefix, whose chain hash is the block's hash."""
+    slots = range(block.block_id * block_size, (block.block_id + 1) * block_size)
+    assert all(slot in runner.kv for slot in slots), f"cached {block} is not full"
+    salt, prefix = runner.prefixes[runner.kv[slots[-1]]]
+    assert len(prefix) % block_size == 0
+    for j, slot in enumerate(slots):
+        assert runner.prefixes[runner.kv[slot]] == (salt, prefix[: len(prefix) - block_size + j + 1])
+    assert reference_block_hashes(list(prefix), block_size, salt)[-1] == block.block_hash
 
 
 def find_output(outputs: list[EngineCoreOutput], req_id: str) -> Optional[EngineCoreOutput]:

@@ -7,7 +7,7 @@ def test_core_imports_no_torch():
     code = (
         "import sys\n"
         "import graphserve.core.scheduler, graphserve.core.kv_cache_manager, graphserve.core.block_pool\n"
-        "import graphserve.core.request, graphserve.core.scheduler_output\n"
+        "import graphserve.core.request, graphserve.core.scheduler_output, graphserve.core.kv_cache_utils\n"
         "assert 'torch' not in sys.modules, 'graphserve.core pulled in torch'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ from core_testutils import (
     make_request,
     make_scheduler,
     next_token,
+    prompt_seed,
     step,
 )
 from graphserve.config import CacheConfig, SchedulerConfig
@@ -21,7 +22,7 @@ from graphserve.sampling_params import SamplingParams
 
 def expected_outputs(request_id: str, prompt_len: int, num_tokens: int) -> list[int]:
     """What the fake model generates for this request, preempted or not."""
-    token_ids = make_prompt(prompt_len, seed=len(request_id))
+    token_ids = make_prompt(prompt_len, seed=prompt_seed(request_id))
     for _ in range(num_tokens):
         token_ids.append(next_token(token_ids))
     return token_ids[prompt_len:]

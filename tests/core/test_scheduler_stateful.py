@@ -1,9 +1,22 @@
-"""Property test: random arrivals, steps, aborts and EOS over a small pool keep the scheduler consistent."""
+"""Property test: random arrivals, steps, aborts and EOS over a small pool keep the scheduler consistent.
+
+Prompts are drawn from a few shared prefixes (system prompts) plus unique suffixes, arrive in forks of identical
+prompts (n > 1), with or without a cache salt, so prefix-cache sharing, eviction and reset are exercised too;
+the fake runner checks that every position a request attends to holds its own prefix's KV.
+"""
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from core_testutils import EOS_ID, FakeRunner, check_invariants, make_request, make_scheduler, next_token
+from core_testutils import (
+    EOS_ID,
+    FakeRunner,
+    check_invariants,
+    make_prompt,
+    make_request,
+    make_scheduler,
+    next_token,
+)
 from graphserve.core.kv_cache_manager import cdiv
 from graphserve.core.request import RequestStatus
 
@@ -20,8 +33,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         chunked=st.booleans(),
         budget=st.integers(1, 40),
         max_num_seqs=st.integers(1, 6),
+        caching=st.sampled_from([True, True, True, False]),
     )
-    def setup(self, block_size, extra_blocks, chunked, budget, max_num_seqs):
+    def setup(self, block_size, extra_blocks, chunked, budget, max_num_seqs, caching):
         self.scheduler = make_scheduler(
             block_size=block_size,
             num_blocks=cdiv(MAX_MODEL_LEN, block_size) + extra_blocks,
@@ -29,7 +43,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget if chunked else max(budget, MAX_MODEL_LEN),
             enable_chunked_prefill=chunked,
+            enable_prefix_caching=caching,
         )
+        # Shared prefixes ending on, just before and just after block boundaries.
+        self.prefixes = [make_prompt(n * block_size + d, seed=1000 + n) for n, d in ((1, 0), (2, 1), (3, -1))]
         self.runner = FakeRunner(self.scheduler)
         self.requests = {}  # every request added: id -> Request
         self.streamed = {}  # id -> tokens received through EngineCoreOutputs
@@ -44,14 +61,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_tokens=st.integers(1, 16),
         ignore_eos=st.booleans(),
         copies=st.integers(1, 3),
+        prefix=st.sampled_from([None, 0, 1, 2]),
+        salt=st.sampled_from([None, None, "tenant-a", "tenant-b"]),
+        prompt_logprobs=st.sampled_from([None, None, None, 1]),
     )
-    def add_request(self, length, aligned, delta, max_tokens, ignore_eos, copies):
+    def add_request(self, length, aligned, delta, max_tokens, ignore_eos, copies, prefix, salt, prompt_logprobs):
         block_size = self.scheduler.block_size
         if aligned:  # multiples of block_size +-1 hit the block-boundary cases
             length = min(max(max(length // block_size, 1) * block_size + delta, 1), MAX_MODEL_LEN)
-        for _ in range(copies):  # bursts fill the pool, so that running requests get preempted
+        shared = self.prefixes[prefix] if prefix is not None else []
+        prompt = (shared + make_prompt(length, seed=len(self.requests)))[:length]
+        # Copies are forks of one prompt (n > 1); bursts also fill the pool, so that requests get preempted.
+        for _ in range(copies):
             req_id = f"r{len(self.requests)}"
-            request = make_request(req_id, length, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            request = make_request(req_id, prompt=prompt, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                   cache_salt=salt, prompt_logprobs=prompt_logprobs)
             self.scheduler.add_request(request)
             self.requests[req_id] = request
             self.streamed[req_id] = []
@@ -76,20 +100,42 @@ class SchedulerMachine(RuleBasedStateMachine):
         running = self.scheduler.running
         self.runner.force_eos.add(running[index % len(running)].request_id)
 
+    @rule()
+    def reset_prefix_cache(self):
+        pool = self.scheduler.kv_cache_manager.block_pool
+        idle = pool.get_num_free_blocks() == pool.num_blocks
+        num_cached = pool.num_cached_blocks
+        assert self.scheduler.reset_prefix_cache() == idle
+        if idle:
+            assert pool.num_cached_blocks == 0 and all(b.block_hash is None for b in pool.blocks)
+            event("prefix cache reset")
+        else:
+            assert pool.num_cached_blocks == num_cached
+
     @invariant()
     def consistent(self):
         if hasattr(self, "scheduler"):
-            check_invariants(self.scheduler)
+            check_invariants(self.scheduler, self.runner)
 
     def _step(self):
         scheduler = self.scheduler
+        cached_before = set(scheduler.kv_cache_manager.block_pool.cached_block_hash_to_block)
         so = scheduler.schedule()
         assert so.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
         assert len(so.num_scheduled_tokens) <= scheduler.max_num_seqs
+        for new in so.scheduled_new_reqs:
+            if new.num_computed_tokens:
+                assert self.requests[new.req_id].sampling_params.prompt_logprobs is None
+                event("prefix-cache hit")
+        if any(b.ref_cnt > 1 for b in scheduler.kv_cache_manager.block_pool.blocks):
+            event("block shared")
         outputs = scheduler.update_from_output(so, self.runner.execute_model(so))
-        check_invariants(scheduler)  # also during the teardown drain
+        check_invariants(scheduler, self.runner)  # also during the teardown drain
+        if cached_before - set(scheduler.kv_cache_manager.block_pool.cached_block_hash_to_block):
+            event("cached block evicted")
         for output in outputs:
             assert output.req_id not in self.finish_reasons, "output after the request finished"
+            assert output.num_cached_tokens == self.requests[output.req_id].num_cached_tokens
             self.streamed[output.req_id] += output.new_token_ids
             if output.finished:
                 self.finish_reasons[output.req_id] = output.finish_reason
@@ -112,6 +158,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runner.execute_model(last)  # hands the last finished ids to the runner
         assert not self.runner.states
         assert scheduler.kv_cache_manager.get_num_free_blocks() == scheduler.kv_cache_manager.num_blocks
+        assert scheduler.reset_prefix_cache()  # nothing in use any more
+        assert scheduler.prefix_cache_hits <= scheduler.prefix_cache_queries
+        if not scheduler.enable_prefix_caching:
+            assert scheduler.prefix_cache_queries == 0 and all(r.num_cached_tokens == 0 for r in self.requests.values())
         for req_id, request in self.requests.items():
             self._check_finished(req_id, request)
 
@@ -134,7 +184,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 SchedulerMachine.TestCase.settings = settings(
-    max_examples=50,
+    max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

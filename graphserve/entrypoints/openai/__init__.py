@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`graphserve serve`): FastAPI app, protocol models and endpoint handlers."""

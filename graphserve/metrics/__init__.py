@@ -1,0 +1,1 @@
+"""Serving metrics: per-step stats from the engine, Prometheus collectors and the periodic log line."""

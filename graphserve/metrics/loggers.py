@@ -1,0 +1,55 @@
+"""The periodic log line: prompt and generation throughput, running / waiting requests, KV cache usage."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from graphserve.metrics.stats import IterationStats, SchedulerStats, StatLoggerBase
+
+logger = logging.getLogger("graphserve.metrics")
+
+
+class LoggingStatLogger(StatLoggerBase):
+    """Accumulates tokens between calls to log(), which writes one INFO line when anything happened."""
+
+    def __init__(self) -> None:
+        self._last_log_time = time.monotonic()
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_finished = 0
+        self._scheduler_stats = SchedulerStats()
+        self._last_logged_state: Optional[tuple] = None
+
+    def record(self, scheduler_stats: Optional[SchedulerStats], iteration_stats: Optional[IterationStats]) -> None:
+        """Book one batch of stats."""
+        if scheduler_stats is not None:
+            self._scheduler_stats = scheduler_stats
+        if iteration_stats is not None:
+            self._num_prompt_tokens += iteration_stats.num_prompt_tokens
+            self._num_generation_tokens += iteration_stats.num_generation_tokens
+            self._num_finished += len(iteration_stats.finished_requests)
+
+    def format_line(self, now: float) -> str:
+        """The line for the interval ending at `now` (does not reset anything)."""
+        elapsed = max(now - self._last_log_time, 1e-9)
+        s = self._scheduler_stats
+        return (
+            f"Avg prompt throughput: {self._num_prompt_tokens / elapsed:.1f} tokens/s, "
+            f"Avg generation throughput: {self._num_generation_tokens / elapsed:.1f} tokens/s, "
+            f"Running: {s.num_running_reqs} reqs, Waiting: {s.num_waiting_reqs} reqs, "
+            f"Finished: {self._num_finished} reqs, KV cache usage: {100 * s.kv_cache_usage:.1f}%, "
+            f"Preemptions: {s.num_preemptions}"
+        )
+
+    def log(self) -> None:
+        """Write the line, unless the engine stayed idle since the last one; then start a new interval."""
+        now = time.monotonic()
+        s = self._scheduler_stats
+        state = (s.num_running_reqs, s.num_waiting_reqs, s.kv_cache_usage, s.num_preemptions)
+        active = self._num_prompt_tokens or self._num_generation_tokens or self._num_finished
+        if active or state != self._last_logged_state:
+            logger.info(self.format_line(now))
+            self._last_logged_state = state
+        self._last_log_time = now
+        self._num_prompt_tokens = self._num_generation_tokens = self._num_finished = 0
