@@ -41,10 +41,15 @@ def main() -> None:
     parser.add_argument("--ttft-lens", type=int, nargs="*", default=[])
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median reported)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--verbose", action="store_true", help="log the engine's start-up phases")
     from graphserve.engine.arg_utils import EngineArgs
 
     EngineArgs.add_cli_args(parser)
     args = parser.parse_args()
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
 
     from graphserve import LLM, SamplingParams
 

@@ -116,14 +116,13 @@ def run_mode(engine_args, enable: bool, prefix, tails, single_tails, params, sin
     )
     single = run_single(engine, prefix, single_tails, single_params, "single")
     del llm, engine, scheduler
+    # EngineCore froze everything built at start-up (gc.freeze): unfreeze so that the next engine gets its memory.
+    gc.unfreeze()
     gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"dtype": dtype, "batch": batch, "single": single}
 
 

@@ -54,7 +54,8 @@ class EngineCoreClient(abc.ABC):
         """Queue a validated request; a refusal comes back in `EngineCoreOutputs.failed_requests`."""
 
     @abc.abstractmethod
-    def abort_requests(self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+    def abort_requests(self, request_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """Finish requests before the next step, freeing their KV blocks."""
 
     @abc.abstractmethod
@@ -132,7 +133,8 @@ class ThreadedEngineCoreClient(EngineCoreClient):
         """Queue a validated request for the core."""
         self._inputs.put((_ADD, request))
 
-    def abort_requests(self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+    def abort_requests(self, request_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """Finish requests before the next step, freeing their KV blocks."""
         self._inputs.put((_ABORT, list(request_ids), status))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import time
 from typing import Iterable
 
 from graphserve.config import EngineConfig
@@ -19,8 +20,12 @@ class EngineCore:
     """Owns the scheduler and the model runner; the boundary that can later move to its own process."""
 
     def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
         self.model_runner = ModelRunner(config)
+        t1 = time.perf_counter()
         num_blocks = self.model_runner.initialize_kv_cache()
+        logger.info("engine start-up: model %.1f s; KV sizing, compile and graph capture %.1f s",
+                    t1 - t0, time.perf_counter() - t1)
         # The pool size is known only now: freeze it into the config every other part reads.
         cache_config = dataclasses.replace(config.cache_config, num_blocks=num_blocks)
         self.config = dataclasses.replace(config, cache_config=cache_config)

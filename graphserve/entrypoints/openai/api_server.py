@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -88,13 +88,25 @@ class ServerState:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
+        def settle(error: Optional[BaseException], engine: Optional[AsyncLLM]) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(engine)
+
         def load() -> None:
+            error, engine = None, None
             try:
                 engine = self._build_engine()
             except BaseException as e:  # noqa: BLE001 (handed to the loop)
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(e))
-            else:
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(engine))
+                error = e
+            try:
+                loop.call_soon_threadsafe(settle, error, engine)
+            except RuntimeError:  # the server stopped while the model was loading: nobody waits any more
+                if engine is not None:
+                    engine.shutdown()
 
         threading.Thread(target=load, name="graphserve-engine-load", daemon=True).start()
         try:
@@ -133,61 +145,71 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def _add_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        """200 while the engine can serve; 500 once it failed (503 while starting or draining)."""
-        try:
-            _state(request).engine.check_health()
-        except EngineDeadError as e:
-            return error_response(str(e), 500)
-        return Response(status_code=200)
+router = APIRouter()
 
-    @app.get("/version")
-    async def version() -> JSONResponse:
-        """The graphserve version."""
-        return JSONResponse({"version": __version__})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics (graphserve:*)."""
-        return Response(_state(request).prometheus.exposition(), media_type=CONTENT_TYPE_LATEST)
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine can serve; 500 once it failed (503 while starting or draining)."""
+    try:
+        _state(request).engine.check_health()
+    except EngineDeadError as e:
+        return error_response(str(e), 500)
+    return Response(status_code=200)
 
-    @app.get("/v1/models")
-    async def show_available_models(request: Request) -> JSONResponse:
-        """The served model names."""
-        return JSONResponse(_state(request).models.show_available_models().model_dump())
 
-    @app.post("/v1/completions")
-    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
-        """OpenAI completions."""
-        return await _state(raw_request).completion.create_completion(request, raw_request)
+@router.get("/version")
+async def version() -> JSONResponse:
+    """The graphserve version."""
+    return JSONResponse({"version": __version__})
 
-    @app.post("/v1/chat/completions")
-    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        """OpenAI chat completions."""
-        return await _state(raw_request).chat.create_chat_completion(request, raw_request)
 
-    @app.post("/tokenize")
-    async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
-        """Token ids of a prompt or of chat messages."""
-        return JSONResponse(_state(raw_request).tokenization.create_tokenize(request).model_dump())
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (graphserve:*)."""
+    return Response(_state(request).prometheus.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/detokenize")
-    async def detokenize(request: DetokenizeRequest, raw_request: Request) -> JSONResponse:
-        """Text of token ids."""
-        return JSONResponse(_state(raw_request).tokenization.create_detokenize(request).model_dump())
 
-    @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache(raw_request: Request) -> JSONResponse:
-        """Drop the prefix cache (admin; behind the API key). 409 while requests hold KV blocks."""
-        try:
-            done = await _state(raw_request).engine.reset_prefix_cache()
-        except EngineDeadError as e:
-            raise OpenAIError(str(e), 500) from None
-        if not done:
-            raise OpenAIError("The prefix cache cannot be reset while requests are running.", 409)
-        return JSONResponse({"success": True})
+@router.get("/v1/models")
+async def show_available_models(request: Request) -> JSONResponse:
+    """The served model names."""
+    return JSONResponse(_state(request).models.show_available_models().model_dump())
+
+
+@router.post("/v1/completions")
+async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    """OpenAI completions."""
+    return await _state(raw_request).completion.create_completion(request, raw_request)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    """OpenAI chat completions."""
+    return await _state(raw_request).chat.create_chat_completion(request, raw_request)
+
+
+@router.post("/tokenize")
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
+    """Token ids of a prompt or of chat messages."""
+    return JSONResponse(_state(raw_request).tokenization.create_tokenize(request).model_dump())
+
+
+@router.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> JSONResponse:
+    """Text of token ids."""
+    return JSONResponse(_state(raw_request).tokenization.create_detokenize(request).model_dump())
+
+
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(raw_request: Request) -> JSONResponse:
+    """Drop the prefix cache (admin; behind the API key). 409 while requests hold KV blocks."""
+    try:
+        done = await _state(raw_request).engine.reset_prefix_cache()
+    except EngineDeadError as e:
+        raise OpenAIError(str(e), 500) from None
+    if not done:
+        raise OpenAIError("The prefix cache cannot be reset while requests are running.", 409)
+    return JSONResponse({"success": True})
 
 
 def build_app(config: EngineConfig, settings: ServerSettings, chat_template: Optional[str] = None) -> FastAPI:
@@ -204,7 +226,7 @@ def build_app(config: EngineConfig, settings: ServerSettings, chat_template: Opt
     app = FastAPI(title="graphserve", version=__version__, lifespan=lifespan)
     app.state.server = state
     install_exception_handlers(app)
-    _add_routes(app)
+    app.include_router(router)
     app.add_middleware(ServerGuardMiddleware, state=state, api_key=settings.api_key,
                        max_body_bytes=settings.max_request_size)
     # Added last, so outermost: preflights and error responses carry the CORS headers too.

@@ -101,6 +101,9 @@ class OpenAIServingChat(OpenAIServing):
             )
         except ValueError as e:
             raise OpenAIError(str(e), 400, "messages") from None
+        except Exception as e:  # noqa: BLE001 (the template ran on what the client sent: its input, a 400)
+            raise OpenAIError(f"the chat template failed on these messages: {type(e).__name__}: {e}", 400,
+                              "messages") from None
         num_top = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=num_top,

@@ -24,6 +24,9 @@ class OpenAIServingTokenization(OpenAIServing):
                                                      add_generation_prompt=request.add_generation_prompt)
             except ValueError as e:
                 raise OpenAIError(str(e), 400, "messages") from None
+            except Exception as e:  # noqa: BLE001 (the template ran on what the client sent: a 400)
+                raise OpenAIError(f"the chat template failed on these messages: {type(e).__name__}: {e}", 400,
+                                  "messages") from None
             add_special_tokens = bool(request.add_special_tokens)  # the template holds them already
         else:
             text = request.prompt

@@ -50,10 +50,11 @@ class ServerHandle:
         self.thread.join(30)
 
 
-def server_argv(model_dir, *extra):
-    return [model_dir, "--host", "127.0.0.1", "--port", "0", "--served-model-name", MODEL, "tiny-alias",
-            "--num-gpu-blocks-override", str(NUM_BLOCKS), "--uvicorn-log-level", "warning",
-            "--disable-log-requests", *extra]
+def server_argv(model_dir, *extra, num_blocks=NUM_BLOCKS):
+    """`serve` flags for a quiet test server on an ephemeral port (num_blocks=None: size the KV pool normally)."""
+    blocks = ["--num-gpu-blocks-override", str(num_blocks)] if num_blocks is not None else []
+    return [model_dir, "--host", "127.0.0.1", "--port", "0", "--served-model-name", MODEL, "tiny-alias", *blocks,
+            "--uvicorn-log-level", "warning", "--disable-log-requests", *extra]
 
 
 def parse_metrics(text):

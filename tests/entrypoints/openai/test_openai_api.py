@@ -251,13 +251,27 @@ def test_health_version_metrics_need_no_key(server, client):
 
 
 def test_cache_salt_and_reset_prefix_cache(server, client):
-    plain = client.completions.create(model=MODEL, prompt=PROMPT * 4, max_tokens=6, temperature=0)
-    salted = client.completions.create(model=MODEL, prompt=PROMPT * 4, max_tokens=6, temperature=0,
-                                       extra_body={"cache_salt": "tenant-a"})
+    def hits():
+        return metric(parse_metrics(httpx.get(server.url + "/metrics").text), "graphserve:prefix_cache_hits_total")
+
+    prompt = PROMPT * 10  # several full KV blocks
+
+    def complete(**extra):
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                         extra_body=extra).choices[0].text
+
+    plain = complete()
+    before = hits()
+    assert complete() == plain and hits() > before  # the same prefix again: served from the cache
+    before = hits()
+    assert complete(cache_salt="tenant-a") == plain and hits() == before  # another tenant: no sharing
+    assert complete(cache_salt="tenant-a") == plain and hits() > before  # its own prefix: shared
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
                                           extra_body={"cache_salt": "tenant-a"})
-    assert salted.choices[0].text == plain.choices[0].text and chat.choices
+    assert chat.choices[0].message.content is not None
     assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
     r = httpx.post(server.url + "/reset_prefix_cache", headers=AUTH)
     assert r.status_code == 200 and r.json() == {"success": True}
     assert server.core.scheduler.kv_cache_manager.block_pool.num_cached_blocks == 0
+    before = hits()
+    assert complete() == plain and hits() == before  # the cache is empty now

@@ -147,3 +147,21 @@ def test_server_still_serves_after_bad_requests(http, server):
     assert metric(values, "graphserve:num_requests_running") == 0
     assert metric(values, "graphserve:num_requests_waiting") == 0
     assert server.engine.get_num_unfinished_requests() == 0
+
+
+def test_a_template_that_fails_on_the_messages_is_a_400(tiny_llama_dir):
+    from server_testutils import ServerHandle, server_argv
+
+    template = "{% for m in messages %}{{ m['content'] }}{{ m['weight'] + 1 }}{% endfor %}"
+    handle = ServerHandle(server_argv(tiny_llama_dir, "--chat-template", template))
+    try:
+        messages = [{"role": "user", "content": "hi", "weight": "heavy"}]  # str + int inside the template
+        r = httpx.post(handle.url + CHAT, json={"messages": messages})
+        assert_error_body(r, 400, "messages", "TypeError")
+        r = httpx.post(handle.url + "/tokenize", json={"messages": messages})
+        assert_error_body(r, 400, "messages", "TypeError")
+        ok = httpx.post(handle.url + CHAT, json={"messages": [{"role": "user", "content": "hi", "weight": 1}],
+                                                 "max_tokens": 2})
+        assert ok.status_code == 200
+    finally:
+        handle.stop()

@@ -45,6 +45,16 @@ def test_concurrent_streams_and_disconnects(server, client, async_client):
                                           extra_body={"ignore_eos": True})
     num_prompt_tokens = reference.usage.prompt_tokens
     before = parse_metrics(httpx.get(server.url + "/metrics").text)
+    core = server.core
+    step = core.step
+    widths = []  # requests that got a token, per engine step
+
+    def counting_step():
+        outputs = step()
+        widths.append(sum(1 for o in outputs if o.new_token_ids))
+        return outputs
+
+    core.step = counting_step  # the engine thread is idle: it picks this up at its next step
 
     async def run():
         limits = httpx.Limits(max_connections=NUM_DISCONNECTS)
@@ -53,13 +63,19 @@ def test_concurrent_streams_and_disconnects(server, client, async_client):
             return await asyncio.gather(*[_stream(async_client) for _ in range(NUM_STREAMS)],
                                         *[_disconnect_after_first_token(http) for _ in range(NUM_DISCONNECTS)])
 
-    results = asyncio.run(run())[:NUM_STREAMS]
+    try:
+        results = asyncio.run(run())[:NUM_STREAMS]
+    finally:
+        del core.step
     for text, usage, num_chunks in results:
         assert text == reference.choices[0].text
         assert usage.completion_tokens == NUM_TOKENS and usage.prompt_tokens == num_prompt_tokens
         assert 1 <= num_chunks <= NUM_TOKENS
 
     _wait_idle(server)
+    # Continuous batching: the requests share steps (one step per token would need 200 * 16 + 50 steps).
+    assert max(widths) >= NUM_STREAMS // 2
+    assert sum(widths) >= NUM_STREAMS * NUM_TOKENS and len(widths) < NUM_STREAMS * NUM_TOKENS // 10
     kv_cache_manager = server.core.scheduler.kv_cache_manager
     assert kv_cache_manager.get_num_free_blocks() == NUM_BLOCKS and not kv_cache_manager.req_to_blocks
     assert not server.engine.output_processor.request_states

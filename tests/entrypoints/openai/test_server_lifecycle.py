@@ -87,6 +87,17 @@ def test_engine_failure_fails_requests_and_reports_unhealthy(tiny_llama_dir):
         handle.stop()
 
 
+def test_engine_that_cannot_load_stops_the_server(tiny_llama_dir):
+    # The config resolves (fail-fast checks pass) but the KV pool cannot hold one sequence: EngineCore raises on the
+    # loading thread, and the server must exit instead of answering 503 forever.
+    handle = ServerHandle(server_argv(tiny_llama_dir, "--kv-cache-memory", "1KiB", num_blocks=None),
+                          wait_ready=False)
+    handle.thread.join(60)
+    assert not handle.thread.is_alive()
+    assert isinstance(handle.state.load_error, ValueError) and "kv_cache_memory" in str(handle.state.load_error)
+    assert not handle.state.ready
+
+
 def _read_banner(proc, timeout=120.0):
     deadline = time.monotonic() + timeout
     lines = []
