@@ -5,9 +5,10 @@ Two measurements per mode (off, then on), each on a fresh engine:
   * single: afterwards, one request at a time with the shared prefix and a new tail (the TTFT a user sees when the
     system prompt is already cached, against a full prefill).
 
-    python perf/bench_prefix_cache.py --num-requests 64 --out perf/results/cpu/prefix_cache_smollm2.json
-    python perf/bench_prefix_cache.py --model DIR --load-format dummy --dtype bfloat16 \
-        --out perf/results/h200/prefix_cache_llama3_8b.json      # the Llama-3-8B shape on a GPU
+    python perf/bench_prefix_cache.py --num-requests 64 --output-len 32 --num-single 5 \
+        --out perf/results/cpu/prefix_cache_smollm2_1k_prefix_64req.json      # the default model, fp32
+    python perf/bench_prefix_cache.py --model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16 \
+        --num-requests 64 --output-len 32 --out perf/results/h200/prefix_cache_llama8b.json   # on a GPU
 
 The engine flags are those of `graphserve generate`; --enable-prefix-caching is overridden by --modes.
 """
@@ -145,6 +146,10 @@ def main() -> None:
     from graphserve.sampling_params import RequestOutputKind
 
     engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.load_format == "dummy" and engine_args.tokenizer is None:
+        from perf.dummy_model import perf_tokenizer_dir
+
+        engine_args.tokenizer = perf_tokenizer_dir()  # token-id workloads: any tokenizer serves
     vocab_size = create_model_config(engine_args.model, load_format=engine_args.load_format).vocab_size
     prefix, tails = make_prompts(args.num_requests + args.num_single, args.prefix_len, args.unique_len,
                                  vocab_size, args.prompt_seed)
