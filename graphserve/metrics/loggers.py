@@ -1,4 +1,5 @@
-"""The periodic log line: prompt and generation throughput, running / waiting requests, KV cache usage."""
+"""The periodic log line: prompt and generation throughput, running / waiting requests, KV cache usage and the
+prefix-cache hit rate of the interval."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,9 @@ class LoggingStatLogger(StatLoggerBase):
         self._num_finished = 0
         self._scheduler_stats = SchedulerStats()
         self._last_logged_state: Optional[tuple] = None
+        # Cumulative prefix-cache counters at the start of the interval (the hit rate is per interval, like vLLM's).
+        self._interval_start_queries = 0
+        self._interval_start_hits = 0
 
     def record(self, scheduler_stats: Optional[SchedulerStats], iteration_stats: Optional[IterationStats]) -> None:
         """Book one batch of stats."""
@@ -39,8 +43,13 @@ class LoggingStatLogger(StatLoggerBase):
             f"Avg generation throughput: {self._num_generation_tokens / elapsed:.1f} tokens/s, "
             f"Running: {s.num_running_reqs} reqs, Waiting: {s.num_waiting_reqs} reqs, "
             f"Finished: {self._num_finished} reqs, KV cache usage: {100 * s.kv_cache_usage:.1f}%, "
-            f"Preemptions: {s.num_preemptions}"
+            f"Preemptions: {s.num_preemptions}, Prefix cache hit rate: {100 * self._interval_hit_rate():.1f}%"
         )
+
+    def _interval_hit_rate(self) -> float:
+        s = self._scheduler_stats
+        queries = s.prefix_cache_queries - self._interval_start_queries
+        return (s.prefix_cache_hits - self._interval_start_hits) / queries if queries > 0 else 0.0
 
     def log(self) -> None:
         """Write the line, unless the engine stayed idle since the last one; then start a new interval."""
@@ -53,3 +62,5 @@ class LoggingStatLogger(StatLoggerBase):
             self._last_logged_state = state
         self._last_log_time = now
         self._num_prompt_tokens = self._num_generation_tokens = self._num_finished = 0
+        self._interval_start_queries = s.prefix_cache_queries
+        self._interval_start_hits = s.prefix_cache_hits

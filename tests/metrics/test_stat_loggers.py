@@ -1,5 +1,6 @@
 """Per-sequence timestamps to iteration stats, the Prometheus collectors, and the periodic log line."""
 import logging
+import time
 
 import pytest
 
@@ -83,3 +84,13 @@ def test_periodic_log_line(caplog):
     assert len(lines) == 1
     assert "Avg prompt throughput" in lines[0] and "Running: 3 reqs, Waiting: 2 reqs" in lines[0]
     assert "KV cache usage: 50.0%" in lines[0] and "Preemptions: 1" in lines[0]
+
+
+def test_periodic_log_line_prefix_cache_hit_rate_per_interval():
+    logger = LoggingStatLogger()
+    logger.record(SchedulerStats(1, 0, 0.1, 0, prefix_cache_queries=400, prefix_cache_hits=100), None)
+    assert "Prefix cache hit rate: 25.0%" in logger.format_line(time.monotonic())
+    logger.log()
+    # The next interval counts only its own queries: 200 more, all hits.
+    logger.record(SchedulerStats(1, 0, 0.1, 0, prefix_cache_queries=600, prefix_cache_hits=300), None)
+    assert "Prefix cache hit rate: 100.0%" in logger.format_line(time.monotonic())
