@@ -181,6 +181,27 @@ def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device
     }
 
 
+def _all_plain_greedy(reqs: list[SamplingRequestState]) -> bool:
+    """True when every row is an argmax with nothing to apply first (the common serving batch): one cheap pass."""
+    for req in reqs:
+        p = req.sampling_params
+        if (p.sampling_type != SamplingType.GREEDY or p.logits_processors or p.logit_bias or p.logprobs is not None
+                or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                or len(req.output_token_ids) < p.min_tokens):
+            return False
+    return True
+
+
+def _plain_greedy_metadata(generator: Optional[torch.Generator]) -> SamplingMetadata:
+    """Metadata of an all-greedy batch without penalties, biases, processors, logprobs or min_tokens masks."""
+    return SamplingMetadata(
+        all_greedy=True, all_random=False, temperature=None, top_k=None, top_p=None, min_p=None, is_greedy=None,
+        generators={}, generator=generator, presence_penalties=None, frequency_penalties=None,
+        repetition_penalties=None, prompt_token_ids=None, output_token_ids=None, logit_bias_indices=None,
+        logit_bias_values=None, min_tokens_indices=None, logits_processors=[], max_num_logprobs=None,
+    )
+
+
 def build_sampling_metadata(
     reqs: list[SamplingRequestState],
     vocab_size: int,
@@ -195,6 +216,8 @@ def build_sampling_metadata(
     if not reqs:
         raise ValueError("build_sampling_metadata needs at least one request")
     device = _normalize_device(device)
+    if _all_plain_greedy(reqs):
+        return _plain_greedy_metadata(generator)
     params = [r.sampling_params for r in reqs]
     greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
     all_greedy, all_random = all(greedy), not any(greedy)

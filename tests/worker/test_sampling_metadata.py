@@ -121,3 +121,16 @@ def test_position_seed_is_a_63_bit_mix():
 def test_empty_batch_rejected():
     with pytest.raises(ValueError):
         build_sampling_metadata([], VOCAB, "cpu")
+
+
+def test_plain_greedy_fast_path_only_when_nothing_applies():
+    """An all-argmax batch builds no tensors; a row still under min_tokens (stop ids masked) leaves the fast path."""
+    plain = SamplingParams(temperature=0.0, max_tokens=8)
+    plain.update_from_generation_config([2])
+    pending = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3)
+    pending.update_from_generation_config([2])
+    reqs = [SamplingRequestState("a", plain, [5, 6], [7]), SamplingRequestState("b", pending, [5], [9])]
+    fast = build_sampling_metadata(reqs[:1], 16, "cpu")
+    assert fast.all_greedy and fast.min_tokens_indices is None and fast.output_token_ids is None
+    slow = build_sampling_metadata(reqs, 16, "cpu")
+    assert slow.min_tokens_indices.tolist() == [16 + 2]
