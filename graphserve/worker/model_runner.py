@@ -165,8 +165,13 @@ class ModelRunner:
         if not batch.sampling_req_indices:
             return out
         sampling_states = [states[i] for i in batch.sampling_req_indices]
-        logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
-        logits = self.model.compute_logits(hidden_states[logits_indices])
+        if len(batch.logits_indices) == hidden_states.shape[0]:
+            # Every token is a sampling position (a pure decode step): the indices are 0..n-1, and skipping the
+            # gather also skips a host-to-device copy that would wait for the forward to finish.
+            sample_hidden_states = hidden_states
+        else:
+            sample_hidden_states = hidden_states[torch.from_numpy(batch.logits_indices).to(self.device)]
+        logits = self.model.compute_logits(sample_hidden_states)
         metadata = build_sampling_metadata(
             [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator
         )
