@@ -145,11 +145,9 @@ def main() -> None:
     from graphserve.models.config_loader import create_model_config
     from graphserve.sampling_params import RequestOutputKind
 
-    engine_args = EngineArgs.from_cli_args(args)
-    if engine_args.load_format == "dummy" and engine_args.tokenizer is None:
-        from perf.dummy_model import perf_tokenizer_dir
+    from perf.dummy_model import bench_engine_args
 
-        engine_args.tokenizer = perf_tokenizer_dir()  # token-id workloads: any tokenizer serves
+    engine_args = bench_engine_args(args)
     vocab_size = create_model_config(engine_args.model, load_format=engine_args.load_format).vocab_size
     prefix, tails = make_prompts(args.num_requests + args.num_single, args.prefix_len, args.unique_len,
                                  vocab_size, args.prompt_seed)

@@ -49,11 +49,9 @@ def main() -> None:
 
     from graphserve import LLM, SamplingParams
 
-    engine_args = EngineArgs.from_cli_args(args)
-    if engine_args.load_format == "dummy" and engine_args.tokenizer is None:
-        from perf.dummy_model import perf_tokenizer_dir
+    from perf.dummy_model import bench_engine_args
 
-        engine_args.tokenizer = perf_tokenizer_dir()  # token-id workloads: any tokenizer serves
+    engine_args = bench_engine_args(args)
     t0 = time.perf_counter()
     llm = LLM(**vars(engine_args))
     load_s = time.perf_counter() - t0

@@ -25,6 +25,16 @@ def perf_tokenizer_dir(root: str | None = None) -> str:
     return path
 
 
+def bench_engine_args(args: Any):
+    """EngineArgs from a benchmark's parsed CLI; dummy weights get the benchmark tokenizer unless one is given."""
+    from graphserve.engine.arg_utils import EngineArgs
+
+    engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.load_format == "dummy" and engine_args.tokenizer is None:
+        engine_args.tokenizer = perf_tokenizer_dir()  # token-id workloads: any tokenizer serves
+    return engine_args
+
+
 def dummy_llm(config: str, **engine_kwargs: Any):
     """`LLM` over random weights of `config` (a directory with config.json, or a name under perf/configs/)."""
     from graphserve import LLM
