@@ -1,4 +1,4 @@
-"""The runner's persistent per-request state and the flat, padded-free batch it builds each step."""
+"""The runner's per-request state (kept across steps) and the flat, unpadded batch it builds each step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,11 +70,8 @@ class InputBatch:
     into numpy arrays once, so the per-request cost is a handful of list appends.
     """
 
-    def __init__(self, max_num_tokens: int, max_num_reqs: int, max_model_len: int, block_size: int) -> None:
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.max_num_tokens = max_num_tokens
-        self.max_num_reqs = max_num_reqs
-        self.max_blocks_per_req = -(-max_model_len // block_size)
 
     def prepare(self, states: list[CachedRequestState], num_scheduled: list[int]) -> BatchInputs:
         """Flatten the scheduled chunk of every request into one token dimension."""

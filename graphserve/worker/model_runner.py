@@ -40,7 +40,7 @@ class ModelRunner:
         sched = config.scheduler_config
         self.max_num_tokens = sched.max_num_batched_tokens
         self.requests: dict[str, CachedRequestState] = {}
-        self.input_batch = InputBatch(self.max_num_tokens, sched.max_num_seqs, sched.max_model_len, self.block_size)
+        self.input_batch = InputBatch(self.block_size)
         self.metadata_builder = AttentionMetadataBuilder(self.block_size)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
