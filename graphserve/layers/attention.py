@@ -48,7 +48,8 @@ def _unified_attention_ref(
     )
 
 
-register_op("unified_attention", _unified_attention_ref, mutates_args=("out",))
+register_op("unified_attention", _unified_attention_ref, mutates_args=("out",),
+            calls=("reshape_and_cache", "paged_attention"))
 
 
 class Attention(nn.Module):

@@ -90,10 +90,14 @@ def _paged_attention_ref(
     out[starts[-1] :].zero_()
 
 
+# Both references sync with the host (boolean-mask indexing, `.tolist()`), so only device kernels can be captured.
 _RESHAPE_AND_CACHE = register_op(
-    "reshape_and_cache", _reshape_and_cache_ref, mutates_args=("key_cache", "value_cache")
+    "reshape_and_cache", _reshape_and_cache_ref, mutates_args=("key_cache", "value_cache"),
+    reference_graph_safe=False,
 )
-_PAGED_ATTENTION = register_op("paged_attention", _paged_attention_ref, mutates_args=("out",))
+_PAGED_ATTENTION = register_op(
+    "paged_attention", _paged_attention_ref, mutates_args=("out",), reference_graph_safe=False
+)
 
 
 def reshape_and_cache(

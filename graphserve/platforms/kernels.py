@@ -12,12 +12,6 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-# Reference ops that synchronize with the host (`.tolist()`, boolean-mask indexing), which CUDA/HIP graph
-# capture forbids. The other references are plain tensor math and capture fine.
-REFERENCE_GRAPH_UNSAFE = frozenset({"paged_attention", "reshape_and_cache"})
-# Ops that only route to other ops: they can be captured iff what they call can.
-COMPOSITE_OPS = {"unified_attention": ("reshape_and_cache", "paged_attention")}
-
 _triton_kernels: dict[str, dict[str, str]] = {}  # dispatch key -> {op: "triton"}, filled once per key
 _triton_unavailable: dict[str, str] = {}  # dispatch key -> why the torch reference runs instead
 
@@ -62,13 +56,14 @@ def resolve_kernel_choices(dispatch_key: str, device_kernels: dict[str, str]) ->
         else:
             impls[name] = "torch"
     choices: dict[str, KernelChoice] = {}
+    # Graph safety is declared at registration: a reference that syncs with the host says so, and a routing op
+    # (`calls`) is safe exactly when what it calls is.
     for name in sorted(impls):
-        if name in COMPOSITE_OPS:
-            continue
-        choices[name] = KernelChoice(impls[name], impls[name] != "torch" or name not in REFERENCE_GRAPH_UNSAFE)
-    for name, callees in COMPOSITE_OPS.items():
-        if name in impls:
-            safe = all(choices[c].graph_safe for c in callees if c in choices)
+        if not ops[name].calls:
+            choices[name] = KernelChoice(impls[name], impls[name] != "torch" or ops[name].reference_graph_safe)
+    for name, op in ops.items():
+        if op.calls:
+            safe = all(choices[c].graph_safe for c in op.calls if c in choices)
             choices[name] = KernelChoice(impls[name], safe)
     return dict(sorted(choices.items()))
 
