@@ -74,6 +74,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host, so the CPU work of one step
+    # overlaps the device work of the other (a request that stops at step N computes one discarded token).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -96,6 +96,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Stop ids masked while fewer than min_tokens were generated: stop_token_ids plus EOS (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
+    # Set by the engine on best_of children, which are ranked by it: the sampler then returns the logprob of
+    # every sampled token even without `logprobs` (otherwise cumulative_logprob is None, as in vLLM V1).
+    compute_cumulative_logprob: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         best_of_given = self.best_of is not None

@@ -110,7 +110,10 @@ class RerunGraph:
 
 
 class _StaticInputs:
-    """The buffers a graph reads (on the device) and their host-side staging copies (pinned on CUDA).
+    """The buffers a graph reads (on the device) and two sets of host-side staging copies (pinned on CUDA).
+
+    Steps alternate between the staging sets: with async scheduling, step N+1 is staged while step N's upload
+    may still be queued, but step N-1 (the other set's last reader) has finished by then.
 
     The device buffers are inference tensors, like the inputs of every other step (created under the
     runner's inference mode): torch.compile guards on the dispatch keys, and a normal tensor would recompile.
@@ -126,10 +129,18 @@ class _StaticInputs:
             "block_table": ((max_bs, max_blocks_per_seq), torch.int32, 0),
         }
         self.device = {n: torch.full(s, f, dtype=d, device=device) for n, (s, d, f) in shapes.items()}
-        self.host = {n: torch.full(s, f, dtype=d, pin_memory=pin_memory) for n, (s, d, f) in shapes.items()}
-        self.host_np = {n: t.numpy() for n, t in self.host.items()}
+        self._host_sets = [{n: torch.full(s, f, dtype=d, pin_memory=pin_memory) for n, (s, d, f) in shapes.items()}
+                           for _ in range(2)]
+        self._host_np_sets = [{n: t.numpy() for n, t in host.items()} for host in self._host_sets]
+        self.host, self.host_np = self._host_sets[0], self._host_np_sets[0]
+        self._turn = 0
         # Every row holds exactly one query token, padded rows included: fixed for the runner's lifetime.
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+
+    def next_staging_set(self) -> None:
+        """Switch `host` / `host_np` to the other staging set (once per step, before staging)."""
+        self._turn ^= 1
+        self.host, self.host_np = self._host_sets[self._turn], self._host_np_sets[self._turn]
 
     @torch.inference_mode()
     def upload(self, size: int) -> None:
@@ -233,6 +244,7 @@ class CUDAGraphRunner:
         size = self.buckets.padded_size(n)
         if size is None:
             raise ValueError(f"a decode batch of {n} requests has no graph bucket (max {self.buckets.max_size})")
+        self.inputs.next_staging_set()
         h = self.inputs.host_np
         h["input_ids"][:n] = input_ids
         h["positions"][:n] = positions
@@ -262,13 +274,18 @@ class CUDAGraphRunner:
         slot_mapping: np.ndarray,  # [num_reqs] int64
         seq_lens: np.ndarray,  # [num_reqs] int32
         block_table: np.ndarray,  # [num_reqs, width] int32
+        device_input_ids: tuple[torch.Tensor, torch.Tensor] | None = None,  # (token indices, ids) on the device
     ) -> torch.Tensor:  # [num_reqs, hidden_size], valid until the next replay
-        """Stage the batch, upload it, replay its bucket's graph; returns the hidden states of the real rows."""
+        """Stage the batch, upload it, replay its bucket's graph; returns the hidden states of the real rows.
+
+        `device_input_ids` overwrite some input ids after the upload: tokens the previous step sampled, which
+        have not reached the host (async scheduling).
+        """
         n = input_ids.shape[0]
         size = self.stage(input_ids, positions, slot_mapping, seq_lens, block_table)
-        # The staging buffers are rewritten next step only after that step's host sync (the sampler's copy
-        # back), so this asynchronous upload has finished reading them by then.
         self.inputs.upload(size)
+        if device_input_ids is not None:
+            self.inputs.device["input_ids"].index_copy_(0, *device_input_ids)
         self.graphs[size].replay()
         compilation_counter.num_cudagraph_replays += 1
         return self.hidden_states[:n]

@@ -80,16 +80,20 @@ class KVCacheManager:
             return None
         return request.block_hashes[num_computed_blocks]  # filled by get_computed_blocks
 
-    def hashes_to_be_written(self, request: "Request", num_new_tokens: int) -> list[BlockHash]:
-        """Hashes of the blocks the request fills by computing `num_new_tokens` more (not shareable yet)."""
+    def hashes_to_be_written(self, request: "Request", start: int, num_new_tokens: int) -> list[BlockHash]:
+        """Hashes of the blocks the request fills by computing positions [start, start + num_new_tokens).
+
+        Those blocks are not shareable yet. A block holding a token still being sampled (async scheduling) has
+        no hash yet and nobody can be waiting for it.
+        """
         if not self.enable_caching:
             return []
         block_size = self.block_size
-        start = request.num_computed_tokens // block_size
-        end = (request.num_computed_tokens + num_new_tokens) // block_size
-        if end <= start:
+        first = start // block_size
+        end = min(start + num_new_tokens, request.num_tokens) // block_size
+        if end <= first:
             return []
-        return extend_block_hashes(request, block_size, end * block_size)[start:end]
+        return extend_block_hashes(request, block_size, end * block_size)[first:end]
 
     def cache_blocks(self, request: "Request") -> None:
         """Index the request's blocks that became full and computed (num_computed_tokens >= next_cache_boundary)."""

@@ -57,7 +57,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # tokens whose KV is written: booked when their step's output arrives
+        # Async scheduling (a step is scheduled while the previous one still runs): tokens scheduled in steps whose
+        # output has not arrived yet, and the tokens those steps will sample (appended when their output arrives).
+        self.num_inflight_tokens = 0
+        self.num_output_placeholders = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         # Resolved by the engine: max_tokens may be None (= fill the context).

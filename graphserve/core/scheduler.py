@@ -93,8 +93,9 @@ class Scheduler:
         # cache (also a resume after preemption) queries its num_tokens and hits the cached part of them.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
-        # Running requests that fill at least one block this step (their hashes must not be hit before update).
-        self._block_writers: list[Request] = []
+        # Requests (with their chunk's start) that fill at least one block this step: their hashes must not be
+        # hit before the step's output arrives.
+        self._block_writers: list[tuple[Request, int]] = []
 
     # -- requests in and out ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -183,8 +184,13 @@ class Scheduler:
         for request in running:
             if token_budget <= 0:
                 break
-            num_computed_tokens = request.num_computed_tokens
-            num_new_tokens = len(request.all_token_ids) - num_computed_tokens
+            # Positions before `start` are computed or being computed by an in-flight step; the placeholders
+            # are tokens that step samples, known to the device but not yet to us (async scheduling).
+            start = request.num_computed_tokens + request.num_inflight_tokens
+            num_placeholders = request.num_output_placeholders
+            num_new_tokens = len(request.all_token_ids) + num_placeholders - start
+            if num_placeholders and self._ends_with_placeholders(request):
+                continue  # its last token is being sampled now: the in-flight step's output finishes it
             if num_new_tokens > token_budget:
                 if not self.enable_chunked_prefill:
                     continue  # keeps its place; a later, shorter request may still fit
@@ -192,25 +198,41 @@ class Scheduler:
             req_id = request.request_id
             # Fast path for the common decode step: the new token fits the last block (a running request always
             # holds blocks). This is allocate_slots' own first check, without the call.
-            if num_computed_tokens + num_new_tokens <= len(req_to_blocks[req_id]) * block_size:
+            if start + num_new_tokens <= len(req_to_blocks[req_id]) * block_size:
                 new_block_ids = []
             else:
                 new_block_ids, preempted_now = self._allocate_or_preempt(request, num_new_tokens)
                 preempted = preempted or preempted_now
                 if new_block_ids is None:
                     break  # the request preempted itself: everything after it already went too
-            if num_computed_tokens + num_new_tokens >= request.next_cache_boundary:
-                self._block_writers.append(request)
-            cached_reqs.append(CachedRequestData(req_id, new_block_ids, num_computed_tokens))
+            if start + num_new_tokens >= request.next_cache_boundary:
+                self._block_writers.append((request, start))
+            cached_reqs.append(CachedRequestData(req_id, new_block_ids, start))
             num_scheduled_tokens[req_id] = num_new_tokens
             token_budget -= num_new_tokens
+            self._book_scheduled(request, start, num_new_tokens)
         return token_budget, preempted
+
+    def _ends_with_placeholders(self, request: Request) -> bool:
+        """True when the tokens being sampled for the request reach max_tokens or the context limit."""
+        num_placeholders = request.num_output_placeholders
+        return (len(request.output_token_ids) + num_placeholders >= request.max_tokens
+                or len(request.all_token_ids) + num_placeholders >= self.max_model_len)
+
+    @staticmethod
+    def _book_scheduled(request: Request, start: int, num_new_tokens: int) -> None:
+        """Count the tokens as in flight; a chunk that reaches the end of the known tokens samples one more."""
+        if start + num_new_tokens >= len(request.all_token_ids) + request.num_output_placeholders:
+            request.num_output_placeholders += 1
+        request.num_inflight_tokens += num_new_tokens
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> tuple[Optional[list[int]], bool]:
         """Allocate slots, preempting the newest running requests until they fit; (None, True) if it went itself."""
         running = self.running
         preempted = False
-        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new_tokens)) is None:
+        # The slots must also cover the tokens an in-flight step is computing.
+        num_slots = request.num_inflight_tokens + num_new_tokens
+        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_slots)) is None:
             victim = running.pop()
             self._preempt(victim)
             preempted = True
@@ -250,12 +272,14 @@ class Scheduler:
             waiting.popleft()
             running.append(request)
             self._admit(request, num_computed_tokens, new_reqs)
+            start = request.num_computed_tokens
             if being_written is not None:
-                being_written.update(kv_cache_manager.hashes_to_be_written(request, num_new_tokens))
-            elif request.num_computed_tokens + num_new_tokens >= request.next_cache_boundary:
-                self._block_writers.append(request)
+                being_written.update(kv_cache_manager.hashes_to_be_written(request, start, num_new_tokens))
+            elif start + num_new_tokens >= request.next_cache_boundary:
+                self._block_writers.append((request, start))
             num_scheduled_tokens[request.request_id] = num_new_tokens
             token_budget -= num_new_tokens
+            self._book_scheduled(request, start, num_new_tokens)
         if deferred:
             waiting.extendleft(reversed(deferred))
         return token_budget
@@ -286,8 +310,8 @@ class Scheduler:
         """Hashes of the blocks that the requests scheduled so far fill this step."""
         hashes_to_be_written = self.kv_cache_manager.hashes_to_be_written
         being_written: set[BlockHash] = set()
-        for request in self._block_writers:
-            being_written.update(hashes_to_be_written(request, num_scheduled_tokens[request.request_id]))
+        for request, start in self._block_writers:
+            being_written.update(hashes_to_be_written(request, start, num_scheduled_tokens[request.request_id]))
         return being_written
 
     def _preempt(self, request: Request) -> None:
@@ -295,6 +319,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_inflight_tokens = 0  # an in-flight step's output for it is dropped (status is not RUNNING)
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -321,7 +347,11 @@ class Scheduler:
             request = requests.get(req_id)
             if request is None or request.status is not _RUNNING:
                 continue  # finished from outside between schedule() and now
-            request.num_computed_tokens += num_scheduled_tokens[req_id]
+            num_new_tokens = num_scheduled_tokens[req_id]
+            request.num_computed_tokens += num_new_tokens
+            request.num_inflight_tokens -= num_new_tokens
+            if token_ids:
+                request.num_output_placeholders -= 1
             if request.num_computed_tokens >= request.next_cache_boundary:
                 kv_cache_manager.cache_blocks(request)  # full blocks just computed become shareable
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None

@@ -65,6 +65,7 @@ class EngineArgs:
     enforce_eager: bool = False  # no torch.compile, no CUDA/HIP graphs
     compile: Optional[bool] = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
     cuda_graph_sizes: Optional[list[int]] = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
+    async_scheduling: Optional[bool] = None  # overlap host work with the device; None = the platform's default (GPU on)
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -90,11 +91,17 @@ class EngineArgs:
             num_blocks=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
         )
+        from graphserve.platforms import resolve_platform
+
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = resolve_platform(self.device).capabilities.async_scheduling_by_default
         scheduler_config = SchedulerConfig(
             max_model_len=max_len,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
             enable_chunked_prefill=self.enable_chunked_prefill,
+            async_scheduling=async_scheduling,
         )
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(self.device),
                             self.create_compilation_config(self.max_num_seqs))
@@ -157,6 +164,9 @@ class EngineArgs:
                        help="run the model eagerly: no torch.compile and no CUDA/HIP graphs")
         g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                        help="torch.compile the model forward (default: on for GPUs, off on CPU)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                       help="schedule and launch the next step while the device computes this one "
+                            "(default: on for GPUs, off on CPU)")
         g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,
                        help="decode batch sizes captured as CUDA/HIP graphs (default: 1 2 4 8 16 ... max-num-seqs)")
         return parser

@@ -10,7 +10,8 @@ from typing import Iterable
 from graphserve.config import EngineConfig
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler import Scheduler
-from graphserve.core.scheduler_output import EngineCoreOutput
+from graphserve.core.scheduler_output import EngineCoreOutput, SchedulerOutput
+from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class EngineCore:
         cache_config = dataclasses.replace(config.cache_config, num_blocks=num_blocks)
         self.config = dataclasses.replace(config, cache_config=cache_config)
         self.scheduler = Scheduler(config.scheduler_config, cache_config)
+        self.async_scheduling = config.scheduler_config.async_scheduling
+        # Async scheduling: the step launched last, whose output is booked during the next step() call.
+        self._inflight: tuple[SchedulerOutput, AsyncModelRunnerOutput] | None = None
         # Everything built so far (model, tokenizer, library state) lives for the whole run: move it out of the
         # collector's reach so full collections during serving do not walk it (they cost ~1 ms per step).
         gc.collect()
@@ -44,15 +48,32 @@ class EngineCore:
         self.scheduler.finish_requests(list(req_ids), status)
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine iteration: schedule, run the model, book the results."""
+        """One engine iteration: schedule, run the model, book the results.
+
+        With async scheduling the results returned are those of the step launched by the previous call: this
+        call schedules and launches step N+1 first, then waits for step N's tokens and books them while the
+        device computes N+1. Its outputs therefore arrive one call later, and a request that stops at step N
+        has one more (discarded) token computed in step N+1.
+        """
+        if not self.async_scheduling:
+            scheduler_output = self.scheduler.schedule()
+            model_output = self.model_runner.execute_model(scheduler_output)
+            if scheduler_output.is_empty:
+                return []
+            return self.scheduler.update_from_output(scheduler_output, model_output)
         scheduler_output = self.scheduler.schedule()
-        model_output = self.model_runner.execute_model(scheduler_output)
-        if scheduler_output.is_empty:
-            return []
-        return self.scheduler.update_from_output(scheduler_output, model_output)
+        # Also for an empty step: the runner drops the requests that finished since the last one.
+        launched = self.model_runner.execute_model_async(scheduler_output)
+        outputs: list[EngineCoreOutput] = []
+        if self._inflight is not None:
+            prev_output, prev_result = self._inflight
+            outputs = self.scheduler.update_from_output(prev_output, prev_result.get_output())
+        self._inflight = None if scheduler_output.is_empty else (scheduler_output, launched)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests waiting or running, or a launched step whose output is not booked yet."""
+        return self._inflight is not None or self.scheduler.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache; False while requests hold KV blocks."""

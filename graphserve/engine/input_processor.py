@@ -103,6 +103,7 @@ class InputProcessor:
             child_params = parent_params.clone()
             child_params.n = 1
             child_params.best_of = 1
+            child_params.compute_cumulative_logprob = num_children > parent_params.n
             if parent_params.seed is not None:
                 child_params.seed = parent_params.seed + i
             request = Request(

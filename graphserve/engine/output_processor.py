@@ -42,7 +42,8 @@ class _SequenceState:
         self.defer_text = params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
         self.num_detokenized = 0  # token_ids[:this] went through the detokenizer
         self.token_ids: list[int] = []
-        self.cumulative_logprob = 0.0
+        # None unless the engine returns sampled-token logprobs (logprobs requested, or best_of ranking).
+        self.cumulative_logprob: Optional[float] = None
         self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
         self.finish_reason: Optional[str] = None
         self.stop_reason: int | str | None = None
@@ -68,6 +69,11 @@ class _SequenceState:
             index, text, self.token_ids[start_token:], self.cumulative_logprob, logprobs,
             self.finish_reason, self.stop_reason,
         )
+
+
+def _ranking_key(child: _SequenceState) -> float:
+    """best_of ranks children by cumulative logprob (always tracked for them: compute_cumulative_logprob)."""
+    return child.cumulative_logprob if child.cumulative_logprob is not None else float("-inf")
 
 
 class _RequestState:
@@ -105,7 +111,7 @@ class _RequestState:
         if self.final_only and not finished:
             return None
         if len(self.children) > self.n:
-            ranked = sorted(self.children, key=lambda c: c.cumulative_logprob, reverse=True)[: self.n]
+            ranked = sorted(self.children, key=_ranking_key, reverse=True)[: self.n]
             outputs = [child.completion(i, delta=False) for i, child in enumerate(ranked)]
         elif self.delta:
             outputs = [c.completion(c.index, delta=True) for c in self.children if c.updated]
@@ -217,7 +223,8 @@ class OutputProcessor:
         new_token_ids = output.new_token_ids
         child.updated = True
         child.token_ids.extend(new_token_ids)
-        child.cumulative_logprob += sum(output.new_sampled_logprobs)
+        if output.new_sampled_logprobs:
+            child.cumulative_logprob = (child.cumulative_logprob or 0.0) + sum(output.new_sampled_logprobs)
         if child.logprobs is not None and output.new_logprobs is not None:
             child.logprobs.extend(self._sample_logprobs(output.new_logprobs, params.logprobs))
         if child.defer_text and not output.finished:

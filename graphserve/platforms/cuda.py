@@ -76,7 +76,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     capabilities = PlatformCapabilities(
         supports_graphs=True, supports_bf16=True, supports_pin_memory=True,
-        compile_by_default=True, supports_memory_profiling=True,
+        compile_by_default=True, supports_memory_profiling=True, async_scheduling_by_default=True,
     )
 
     def device_name(self, index: int = 0) -> str:

@@ -27,6 +27,8 @@ class PlatformCapabilities:
     compile_by_default: bool = False
     # The device allocator reports current/peak bytes, so the KV pool can be sized by profiling a dummy batch.
     supports_memory_profiling: bool = False
+    # Launch step N+1 before step N's tokens reach the host: pays off where the device runs apart from the host.
+    async_scheduling_by_default: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class BatchInputs:
     block_table: np.ndarray  # [num_reqs, max_blocks] int32
     sampling_req_indices: list[int]  # requests whose last scheduled token completes their known tokens
     logits_indices: np.ndarray  # [num_sampling] int64, flat token index of each sampling request's last token
+    # Inputs still on the device (async scheduling): flat token index ← row of the previous step's sampled ids.
+    prev_token_indices: np.ndarray  # [k] int64
+    prev_token_rows: np.ndarray  # [k] int64
 
 
 class InputBatch:
@@ -73,9 +76,18 @@ class InputBatch:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
 
-    def prepare(self, states: list[CachedRequestState], num_scheduled: list[int]) -> BatchInputs:
-        """Flatten the scheduled chunk of every request into one token dimension."""
+    def prepare(
+        self, states: list[CachedRequestState], num_scheduled: list[int], pending: dict[str, int] | None = None
+    ) -> BatchInputs:
+        """Flatten the scheduled chunk of every request into one token dimension.
+
+        `pending` maps the requests for which the step still in flight samples a token to that token's row in
+        its output: the token is this step's input at position num_tokens, filled in on the device (here 0).
+        """
         bs = self.block_size
+        pending = pending or {}
+        prev_idx: list[int] = []
+        prev_rows: list[int] = []
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -87,21 +99,33 @@ class InputBatch:
             start = st.num_computed_tokens
             end = start + n
             blocks = st.block_ids
+            num_known = st.num_tokens
+            if end > num_known:  # the last input is the in-flight step's sample
+                if end != num_known + 1 or st.req_id not in pending:
+                    raise RuntimeError(f"request {st.req_id!r}: positions {start}..{end - 1} scheduled but only "
+                                       f"{num_known} tokens known and none in flight")
+                prev_idx.append(len(input_ids) + n - 1)
+                prev_rows.append(pending[st.req_id])
             if n == 1:
                 prompt_len = len(st.prompt_token_ids)
-                input_ids.append(
-                    st.output_token_ids[start - prompt_len] if start >= prompt_len else st.prompt_token_ids[start]
-                )
+                if start >= num_known:
+                    input_ids.append(0)
+                else:
+                    input_ids.append(
+                        st.output_token_ids[start - prompt_len] if start >= prompt_len else st.prompt_token_ids[start]
+                    )
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
             else:
-                input_ids.extend(st.token_at(start, end))
+                input_ids.extend(st.token_at(start, min(end, num_known)))
+                if end > num_known:
+                    input_ids.append(0)
                 pos = range(start, end)
                 positions.extend(pos)
                 slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + n)
-            if end >= st.num_tokens:
+            if end >= num_known + (st.req_id in pending):
                 sampling.append(i)
                 logits_idx.append(query_start_loc[-1] - 1)
         width = max(len(st.block_ids) for st in states)
@@ -119,4 +143,6 @@ class InputBatch:
             block_table=block_table,
             sampling_req_indices=sampling,
             logits_indices=np.asarray(logits_idx, dtype=np.int64),
+            prev_token_indices=np.asarray(prev_idx, dtype=np.int64),
+            prev_token_rows=np.asarray(prev_rows, dtype=np.int64),
         )

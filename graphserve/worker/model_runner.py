@@ -11,9 +11,10 @@ from graphserve.compile.cuda_graph import create_graph_runner
 from graphserve.compile.wrapper import create_forward_fn
 from graphserve.config import CompilationLevel, EngineConfig
 from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from graphserve.layers.sampler import Sampler, compute_topk_logprobs
+from graphserve.layers.sampler import Sampler, SamplerOutput, compute_topk_logprobs
 from graphserve.models.loader import get_model
 from graphserve.platforms import resolve_platform
+from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
 from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks
 from graphserve.worker.memory_profiler import (
@@ -22,7 +23,7 @@ from graphserve.worker.memory_profiler import (
     model_weight_bytes,
     profile_kv_cache_memory,
 )
-from graphserve.worker.sampling_metadata import build_sampling_metadata
+from graphserve.worker.sampling_metadata import build_sampling_metadata, needs_output_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.model_config.seed)
+        # The last launched step: with async scheduling its sampled tokens may still be on the device.
+        self._last_output: AsyncModelRunnerOutput | None = None
         # Registers the platform's device kernels (Triton on CUDA/ROCm) before anything runs the model.
         self.kernel_choices = self.platform.kernel_choices()
         self.model = get_model(self.model_config, self.device)
@@ -125,25 +128,48 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and return plain-Python results (one device→host copy for all sampled tokens)."""
+        return self.execute_model_async(so).get_output()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput:
+        """Queue one step on the device and return without waiting for it.
+
+        The previous step may still be running: a decode token it samples is read from its device tensor.
+        A request whose sampling reads its generated tokens (penalties, seed, ...) first waits for them.
+        """
         self._update_states(so)
         if so.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return AsyncModelRunnerOutput.ready(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         order = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
         states = [self.requests[rid] for rid in order]
         num_scheduled = [so.num_scheduled_tokens[rid] for rid in order]
-        batch = self.input_batch.prepare(states, num_scheduled)
-        hidden_states = self._forward(batch)
-        output = self._sample(states, batch, hidden_states)
+        last = self._last_output
+        if last is not None and not last.done and any(
+                st.req_id in last.row_of_request and needs_output_token_ids(st.sampling_params) for st in states):
+            last.get_output()
+        pending = last.row_of_request if last is not None and not last.done else {}
+        batch = self.input_batch.prepare(states, num_scheduled, pending)
+        hidden_states = self._forward(batch, last.sampled_token_ids if pending else None)
+        sampler_output = self._sample(states, batch, hidden_states)
+        output = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in states])
         self._compute_prompt_logprobs(states, batch, hidden_states, output)
         for st, n in zip(states, num_scheduled):
             st.num_computed_tokens += n
-        return output
+        result = self._last_output = AsyncModelRunnerOutput(output, states, batch.sampling_req_indices, sampler_output)
+        return result
 
-    def _forward(self, batch: BatchInputs) -> torch.Tensor:
+    def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None) -> torch.Tensor:
         """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
+        prev_tokens = None
+        if len(batch.prev_token_indices):
+            # Decode inputs sampled by the step still in flight: gathered on the device, never via the host.
+            rows = torch.from_numpy(batch.prev_token_rows).to(self.device, non_blocking=True)
+            prev_tokens = (torch.from_numpy(batch.prev_token_indices).to(self.device, non_blocking=True),
+                           last_sampled.index_select(0, rows))
         graphs = self.graph_runner
         if graphs is not None and graphs.can_run(len(batch.req_ids), batch.input_ids.shape[0]):
-            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table)
+            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table,
+                              prev_tokens)
         attn_metadata = self.metadata_builder.build(
             query_lens=batch.query_lens,
             seq_lens=batch.seq_lens,
@@ -152,54 +178,30 @@ class ModelRunner:
             device=self.device,
         )
         input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
+        if prev_tokens is not None:
+            input_ids.index_copy_(0, *prev_tokens)
         positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
         with set_forward_context(attn_metadata, self.kv_caches):
             return self.forward_fn(input_ids, positions)
 
     def _sample(
         self, states: list[CachedRequestState], batch: BatchInputs, hidden_states: torch.Tensor
-    ) -> ModelRunnerOutput:
-        """Sample the requests whose known tokens are all computed; partial prefills get no token."""
-        sampled_lists: list[list[int]] = [[] for _ in states]
-        out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_lists)
+    ) -> SamplerOutput | None:
+        """Sample, on the device, the requests whose known tokens are all computed (partial prefills get none)."""
         if not batch.sampling_req_indices:
-            return out
+            return None
         sampling_states = [states[i] for i in batch.sampling_req_indices]
         if len(batch.logits_indices) == hidden_states.shape[0]:
-            # Every token is a sampling position (a pure decode step): the indices are 0..n-1, and skipping the
-            # gather also skips a host-to-device copy that would wait for the forward to finish.
+            # Every token is a sampling position (a pure decode step): the indices are 0..n-1.
             sample_hidden_states = hidden_states
         else:
-            sample_hidden_states = hidden_states[torch.from_numpy(batch.logits_indices).to(self.device)]
+            indices = torch.from_numpy(batch.logits_indices).to(self.device, non_blocking=True)
+            sample_hidden_states = hidden_states.index_select(0, indices)
         logits = self.model.compute_logits(sample_hidden_states)
         metadata = build_sampling_metadata(
             [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator
         )
-        sampler_output = self.sampler(logits, metadata)
-        # The one host sync of the step.
-        token_ids = sampler_output.sampled_token_ids.tolist()
-        sampled_logprobs = sampler_output.sampled_logprobs.tolist()
-        top = None
-        if sampler_output.topk_token_ids is not None:
-            top = (
-                sampler_output.topk_token_ids.tolist(),
-                sampler_output.topk_logprobs.tolist(),
-                sampler_output.sampled_ranks.tolist(),
-            )
-        for row, i in enumerate(batch.sampling_req_indices):
-            st = states[i]
-            tok = token_ids[row]
-            sampled_lists[i].append(tok)
-            st.output_token_ids.append(tok)
-            out.sampled_logprobs[st.req_id] = [sampled_logprobs[row]]
-            k = st.sampling_params.logprobs
-            if top is not None and k is not None:
-                out.logprobs[st.req_id] = LogprobsLists(
-                    token_ids=[[tok] + top[0][row][:k]],
-                    logprobs=[[sampled_logprobs[row]] + top[1][row][:k]],
-                    ranks=[top[2][row]],
-                )
-        return out
+        return self.sampler(logits, metadata)
 
     def _compute_prompt_logprobs(
         self,

@@ -66,6 +66,8 @@ class SamplingMetadata:
     logits_processors: list[LogitsProcessorRow]
     # None: no row wants logprobs; k >= 0: return the sampled token's rank and the top-k (k = max over rows).
     max_num_logprobs: Optional[int]
+    # Some row needs the logprob of its sampled token (it asked for logprobs, or it is a best_of child).
+    need_sampled_logprobs: bool = False
 
     @property
     def no_penalties(self) -> bool:
@@ -181,12 +183,22 @@ def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device
     }
 
 
+def needs_output_token_ids(params: SamplingParams) -> bool:
+    """Whether sampling reads the request's generated tokens (so they must all be on the host first).
+
+    Penalties and logits processors read their values; a seed (the draw's position) and min_tokens read their
+    number. Everything else samples correctly while the previous step's token is still on its way.
+    """
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+                or params.logits_processors or params.seed is not None or params.min_tokens)
+
+
 def _all_plain_greedy(reqs: list[SamplingRequestState]) -> bool:
     """True when every row is an argmax with nothing to apply first (the common serving batch): one cheap pass."""
     for req in reqs:
         p = req.sampling_params
         if (p.sampling_type != SamplingType.GREEDY or p.logits_processors or p.logit_bias or p.logprobs is not None
-                or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                or p.compute_cumulative_logprob or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                 or len(req.output_token_ids) < p.min_tokens):
             return False
     return True
@@ -244,6 +256,7 @@ def build_sampling_metadata(
         generator=generator,
         logits_processors=processors,
         max_num_logprobs=max(requested) if requested else None,
+        need_sampled_logprobs=bool(requested) or any(p.compute_cumulative_logprob for p in params),
         **truncation,
         **_build_penalties(reqs, vocab_size, device),
         **_build_logit_masks(reqs, vocab_size, device),

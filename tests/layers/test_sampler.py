@@ -186,10 +186,15 @@ def test_logprobs_are_raw_log_softmax():
     assert out.sampled_ranks[1].item() == 1 and out.sampled_ranks[3].item() == 1  # greedy rows
 
 
-def test_sampled_logprobs_without_topk():
+def test_sampled_logprobs_only_when_some_row_needs_them():
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(10))
-    out = _sample(logits, [SamplingParams()] * 3, generator=torch.Generator().manual_seed(11))
+    plain = _sample(logits, [SamplingParams()] * 3, generator=torch.Generator().manual_seed(11))
+    assert plain.sampled_logprobs is None and plain.topk_token_ids is None
+    child = SamplingParams()
+    child.compute_cumulative_logprob = True  # a best_of child: ranked by cumulative logprob, no top-k
+    out = _sample(logits, [SamplingParams(), child, SamplingParams()], generator=torch.Generator().manual_seed(11))
     assert out.topk_token_ids is None and out.sampled_ranks is None
+    assert torch.equal(out.sampled_token_ids, plain.sampled_token_ids)
     expected = logits.log_softmax(-1).gather(1, out.sampled_token_ids[:, None]).squeeze(1)
     assert torch.allclose(out.sampled_logprobs, expected, atol=1e-6)
 

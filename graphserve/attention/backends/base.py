@@ -101,11 +101,13 @@ class AttentionMetadataBuilder:
             slots = torch.nn.functional.pad(slots, (0, num_tokens - num_actual), value=PAD_SLOT_ID)
         query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
         query_start_loc[1:] = torch.cumsum(q_lens, 0)
+        # Non-blocking: a blocking copy would wait for every kernel queued before it (with async scheduling,
+        # the whole previous step). The sources are fresh host tensors, staged by the copy before it returns.
         return AttentionMetadata(
-            slot_mapping=slots.to(device),
-            query_start_loc=query_start_loc.to(device),
-            seq_lens=s_lens.to(torch.int32).to(device),
-            block_table=table.to(device),
+            slot_mapping=slots.to(device, non_blocking=True),
+            query_start_loc=query_start_loc.to(device, non_blocking=True),
+            seq_lens=s_lens.to(torch.int32).to(device, non_blocking=True),
+            block_table=table.to(device, non_blocking=True),
             max_query_len=int(q_lens.max()) if num_seqs else 0,
             max_seq_len=int(s_lens.max()) if num_seqs else 0,
             num_actual_tokens=num_actual,

@@ -1,0 +1,95 @@
+"""A step's sampled tokens on their way to the host: launched now, read later (async scheduling).
+
+`ModelRunner.execute_model_async` returns an `AsyncModelRunnerOutput` as soon as the step's work is queued on
+the device. Its tensors are copied into pinned host memory by copies queued right behind the sampler, and an
+event marks their end, so `get_output()` waits for this step only, never for a step launched after it. The
+device tensor of sampled ids stays alive: the next step reads its decode inputs from it without waiting.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput
+
+if TYPE_CHECKING:
+    from graphserve.layers.sampler import SamplerOutput
+    from graphserve.worker.input_batch import CachedRequestState
+
+
+def _to_host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Queue a device→host copy into pinned memory (the tensor itself on the CPU)."""
+    if tensor is None or tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+class AsyncModelRunnerOutput:
+    """The output of one launched step; `get_output()` waits for its sampled tokens and books them."""
+
+    def __init__(
+        self,
+        output: ModelRunnerOutput,  # req_ids and one empty token list per request, filled by get_output()
+        states: list["CachedRequestState"],  # every scheduled request, in output order
+        sampling_req_indices: list[int],  # which of them sample (row r of the sampler = states[indices[r]])
+        sampler_output: Optional["SamplerOutput"],
+    ) -> None:
+        self._output = output
+        self._states = states
+        self._sampling_req_indices = sampling_req_indices
+        self._done = sampler_output is None
+        # Decode inputs of the next step: row of each sampling request in `sampled_token_ids`.
+        self.sampled_token_ids: Optional[torch.Tensor] = None
+        self.row_of_request: dict[str, int] = {}
+        if sampler_output is None:
+            return
+        self.sampled_token_ids = sampler_output.sampled_token_ids
+        self.row_of_request = {states[i].req_id: row for row, i in enumerate(sampling_req_indices)}
+        self._host = [_to_host(t) for t in (sampler_output.sampled_token_ids, sampler_output.sampled_logprobs,
+                                            sampler_output.topk_token_ids, sampler_output.topk_logprobs,
+                                            sampler_output.sampled_ranks)]
+        self._event = None
+        if sampler_output.sampled_token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    @classmethod
+    def ready(cls, output: ModelRunnerOutput) -> "AsyncModelRunnerOutput":
+        """An output that needs no device work (an empty step, or nothing sampled)."""
+        return cls(output, [], [], None)
+
+    @property
+    def done(self) -> bool:
+        """True once the sampled tokens are on the host and appended to the requests' state."""
+        return self._done
+
+    def get_output(self) -> ModelRunnerOutput:
+        """Wait for the sampled tokens (this step's only host sync), append them, and return plain lists."""
+        if self._done:
+            return self._output
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids, sampled_logprobs, topk_ids, topk_logprobs, ranks = (
+            None if t is None else t.tolist() for t in self._host)
+        out, states = self._output, self._states
+        for row, i in enumerate(self._sampling_req_indices):
+            st = states[i]
+            tok = token_ids[row]
+            out.sampled_token_ids[i].append(tok)
+            st.output_token_ids.append(tok)  # the runner's copy of the request (also the sampler's view)
+            params = st.sampling_params
+            if sampled_logprobs is not None and (params.logprobs is not None or params.compute_cumulative_logprob):
+                out.sampled_logprobs[st.req_id] = [sampled_logprobs[row]]
+            k = params.logprobs
+            if topk_ids is not None and k is not None:
+                out.logprobs[st.req_id] = LogprobsLists(
+                    token_ids=[[tok] + topk_ids[row][:k]],
+                    logprobs=[[sampled_logprobs[row]] + topk_logprobs[row][:k]],
+                    ranks=[ranks[row]],
+                )
+        self._done = True
+        self._host = []
+        return out
