@@ -1,44 +1,20 @@
 """Tiny checkpoints built offline (no hub): random HF weights plus a byte-level BPE tokenizer trained in memory.
 
-Shared by the test suite (the transformers oracle) and the host-overhead benchmarks.
+Shared by the test suite (the transformers oracle) and the host-overhead benchmarks. The tokenizer is the
+benchmark tokenizer of `graphserve.benchmarks.tokenizer`.
 """
 from __future__ import annotations
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-_CORPUS = [
-    "The capital of France is Paris. The capital of Italy is Rome.",
-    "Continuous batching shares every engine step between many requests.",
-    "A paged KV cache stores keys and values in fixed-size blocks.",
-    "Café, naïve, jalapeño, 中文字符, emoji 🙂 and other multi-byte text.",
-    "def add(a, b):\n    return a + b\n",
-] * 20
+from graphserve.benchmarks.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TINY_CONFIG", "build_tokenizer", "tiny_hf_config",
+           "write_tiny_checkpoint"]
 
 TINY_CONFIG = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6,
     bos_token_id=0, eos_token_id=1,
 )
-
-
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained in memory, with ChatML-style special tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def tiny_hf_config(arch: str, **overrides):

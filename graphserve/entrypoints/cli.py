@@ -1,4 +1,4 @@
-"""The `graphserve` command: `serve` (the OpenAI-compatible server), `generate` (offline, one-shot), `env`."""
+"""The `graphserve` command: `serve` (the OpenAI-compatible server), `generate` (offline, one-shot), `bench`, `env`."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Optional
 
+from graphserve.benchmarks.cli import add_bench_parser
 from graphserve.engine.arg_utils import EngineArgs
 
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
     _add_generate_parser(sub)
+    add_bench_parser(sub)
     env = sub.add_parser("env", help="print the platform, devices and versions")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(func=run_env)
@@ -104,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmark records name the command that made them
     log_level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -3,7 +3,10 @@
 One program handles one (sequence, KV head, split): it loads each KV tile once for all the query heads that
 share the KV head and scores them with one `tl.dot` (the group padded to 16 rows), instead of looping over
 query heads on CUDA cores. Long contexts are cut into `num_splits` partitions (flash-decoding); each partition
-writes its running max, exp-sum and unnormalized output, and a reduction kernel combines them.
+writes its running max, exp-sum and unnormalized output, and the last partition of a (sequence, KV head) to
+finish combines them: a per-(sequence, KV head) arrival counter, reset by that last program, replaces a second
+kernel launch (about 3 us per layer, a tenth of a batch-1 step's attention time). A sequence whose context
+fits one partition writes its output directly.
 
 CUDA-graph safety: the grid and every buffer size depend only on tensor shapes and the static ints
 (`max_seq_len` is an upper bound, e.g. max_model_len under graphs); seq_lens, query_start_loc and the block
@@ -44,7 +47,8 @@ def _paged_decode_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM] fp32 (unused when NUM_SPLITS == 1)
     part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32: running max, exp-sum
-    scale_log2, sliding_window, num_seqs, num_tokens, num_heads,
+    counter_ptr,  # [>= num_seqs * num_kv_heads] int32, zero between launches: partitions finished so far
+    scale_log2, sliding_window, num_seqs, num_tokens, num_heads, num_kv_heads,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -77,6 +81,9 @@ def _paged_decode_kernel(
         kv_lo = tl.maximum(seq_len - sliding_window, 0)
     # Each sequence cuts its own (windowed) context into NUM_SPLITS tile-aligned parts: the grid stays static.
     part = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(seq_len - kv_lo, part)  # partitions holding context; the others have nothing to do
+    if split >= num_active:
+        return
     start = kv_lo + split * part
     end = tl.minimum(start + part, seq_len)
 
@@ -100,49 +107,56 @@ def _paged_decode_kernel(
             q, k, v, n_mask[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION
         )
 
-    if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
-        o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    if num_active == 1:
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        # Empty partitions (short sequences) store m = -1e30, l = 0, acc = 0: weight zero in the reduction.
         row = (seq * num_heads + heads) * NUM_SPLITS + split
         g_mask = offs_g < GROUP
+        ml_half = num_seqs * num_heads * NUM_SPLITS
         tl.store(part_ml_ptr + row, m_i, mask=g_mask)
-        tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, l_i, mask=g_mask)
+        tl.store(part_ml_ptr + ml_half + row, l_i, mask=g_mask)
         p_ptrs = part_out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(p_ptrs, acc, mask=gd_mask)
+        # Every thread's stores precede the arrival (barrier), which releases them to the last program.
+        tl.debug_barrier()
+        c_ptr = counter_ptr + seq * num_kv_heads + kv_head
+        arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_active - 1:
+            # The last partition: out = sum_p exp2(m_p - M) acc_p / sum_p exp2(m_p - M) l_p (M = running max).
+            base = (seq * num_heads + heads) * NUM_SPLITS
+            m_tot = tl.full([GROUP_P], -1e30, dtype=tl.float32)
+            l_tot = tl.zeros([GROUP_P], dtype=tl.float32)
+            o_tot = tl.zeros([GROUP_P, HEAD_DIM_P2], dtype=tl.float32)
+            for p in range(0, num_active):
+                # .cg: read from L2, where the other programs' stores are, never from a stale L1 line.
+                m_p = tl.load(part_ml_ptr + base + p, mask=g_mask, other=-1e30, cache_modifier=".cg")
+                l_p = tl.load(part_ml_ptr + ml_half + base + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+                a_p = tl.load(part_out_ptr + (base + p).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+                              mask=gd_mask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_tot, m_p)
+                alpha = tl.exp2(m_tot - m_new)
+                beta = tl.exp2(m_p - m_new)
+                l_tot = l_tot * alpha + l_p * beta
+                o_tot = o_tot * alpha[:, None] + a_p * beta[:, None]
+                m_tot = m_new
+            tl.store(o_ptrs, (o_tot / l_tot[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+            tl.atomic_xchg(c_ptr, 0)  # ready for the next launch (the next layer, the next graph replay)
 
 
-@triton.jit
-def _paged_decode_reduce_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    query_start_loc_ptr,  # [num_seqs + 1] int32
-    part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM] fp32
-    part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32
-    num_seqs, num_heads,
-    stride_ot, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NUM_SPLITS_P2: tl.constexpr,
-):
-    """out = sum_p exp2(m_p - M) acc_p / sum_p exp2(m_p - M) l_p, with M = max_p m_p."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
-        return
-    offs_s = tl.arange(0, NUM_SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    s_mask = offs_s < NUM_SPLITS
-    row = (seq * num_heads + head) * NUM_SPLITS + offs_s
-    m = tl.load(part_ml_ptr + row, mask=s_mask, other=-1e30)
-    l = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, mask=s_mask, other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
-    mask = s_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    acc = tl.load(part_out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + offs_d * stride_od
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 1 << 16  # 256 KiB: 1024 sequences x 64 KV heads before the buffer ever grows
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's zeroed arrival counters (kernels leave them zero); allocated once, outside graph capture."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged decode attention: the arrival counters must be allocated before graph "
+                               f"capture (need {n}); run the largest batch once first")
+        counters = _COUNTERS[device] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    return counters
 
 
 def _prev_power_of_2(n: int) -> int:
@@ -211,9 +225,10 @@ def paged_decode_attention(
     launch = {} if num_warps is None else {"num_warps": num_warps}
     if num_stages is not None:
         launch["num_stages"] = num_stages
+    counters = _arrival_counters(query.device, num_seqs * num_kv_heads)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, part_out, part_ml,
-        scale * LOG2E, sliding_window, num_seqs, num_tokens, num_heads,
+        out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, part_out, part_ml, counters,
+        scale * LOG2E, sliding_window, num_seqs, num_tokens, num_heads, num_kv_heads,
         *query.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
@@ -221,12 +236,6 @@ def paged_decode_attention(
         USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(key_cache.dtype),
         DOT_PRECISION=dot_precision(key_cache.dtype), **launch,
     )
-    if num_splits > 1:
-        _paged_decode_reduce_kernel[(num_seqs, num_heads)](
-            out, query_start_loc, part_out, part_ml, num_seqs, num_heads, *out.stride(),
-            HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
-            NUM_SPLITS=num_splits, NUM_SPLITS_P2=triton.next_power_of_2(num_splits),
-        )
     # The decode kernel zeroed padded rows below num_seqs; rows beyond exist only if num_tokens > num_seqs.
     zero_padded_rows(out, query_start_loc, row_begin=num_seqs)
 

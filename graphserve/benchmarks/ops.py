@@ -1,0 +1,49 @@
+"""`graphserve bench ops`: attention op microbenchmarks against the device's measured ceilings (GPU only).
+
+Paged decode attention bandwidth (GB/s: every cached K/V of every context read once, as a fraction of the copy
+ceiling), paged prefill attention TFLOP/s (causal pairs only; torch SDPA on the same dense shape next to it, as a
+fraction of the matmul ceiling) and the cache-write bandwidth, plus this run's own copy bandwidth. The shape is
+Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128) unless overridden.
+
+    graphserve bench ops --out perf/results/h200/attention_ops.json
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the op benchmark's flags on `parser`."""
+    parser.add_argument("--num-seqs", type=int, nargs="+", default=[64], help="decode batch sizes")
+    parser.add_argument("--context", type=int, nargs="+", default=[2048], help="decode context lengths")
+    parser.add_argument("--prefill-lens", type=int, nargs="*", default=[1024, 4096], help="prefill prompt lengths")
+    parser.add_argument("--num-heads", type=int, default=32, help="query heads")
+    parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="head size")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="data type")
+    parser.add_argument("--out", default=None, help="write the JSON record to this file")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Time every decode point, every prefill length and the cache write; write one record."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("graphserve bench ops times GPU kernels; no GPU is visible")
+    from graphserve.benchmarks import attention_kernels as k
+    from graphserve.benchmarks.common import write_record
+
+    shape = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim}
+    dtype = getattr(torch, args.dtype)
+    ceilings = k.cuda_ceilings()
+    results = {
+        "shape": shape, "dtype": args.dtype, "ceilings": ceilings.to_dict() if ceilings else None,
+        "copy_bandwidth_GBps": round(k.copy_bandwidth() / 1e9, 1),
+        "decode": [row for n in args.num_seqs for c in args.context
+                   for row in k.bench_decode(n, c, shape=shape, dtype=dtype)],
+        "prefill": [row for n in args.prefill_lens for row in k.bench_prefill(n, shape=shape, dtype=dtype)],
+        "reshape_and_cache": k.bench_reshape_and_cache(shape=shape, dtype=dtype),
+    }
+    write_record("attention_ops", results, args.out, getattr(args, "argv", None))
+    return 0
