@@ -24,6 +24,9 @@ class CachedRequestState:
     num_computed_tokens: int
     # Shares the token lists above, so a sampled token is appended once for both views.
     sampling: SamplingRequestState = field(init=False, repr=False)
+    # Its row of InputBatch's persistent block table (-1: none yet) and how many of its blocks the row holds.
+    table_row: int = field(default=-1, init=False, repr=False)
+    num_table_blocks: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sampling = SamplingRequestState(
@@ -69,12 +72,45 @@ class BatchInputs:
 class InputBatch:
     """Builds the flat batch of one step from the scheduled requests.
 
-    Decode-only requests (one token) take a scalar fast path; everything is gathered in Python lists and turned
-    into numpy arrays once, so the per-request cost is a handful of list appends.
+    Block tables live in one persistent array, a row per request, updated incrementally: a row is written when
+    its request first appears and then only with the blocks it gains. Positions, slots, sequence lengths and the
+    sampling rows are computed with numpy over the whole batch; the per-request Python work is fetching the
+    input token ids.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, max_num_reqs: int = 64, max_blocks_per_req: int = 64) -> None:
         self.block_size = block_size
+        self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+
+    def release(self, state: CachedRequestState) -> None:
+        """Give the request's block-table row back (it finished, was preempted or aborted)."""
+        if state.table_row >= 0:
+            self._free_rows.append(state.table_row)
+            state.table_row = -1
+
+    def _sync_row(self, state: CachedRequestState) -> int:
+        """The request's row of the block table, with any blocks it gained since the last step written in."""
+        row = state.table_row
+        if row < 0:
+            if not self._free_rows:
+                old = self.block_table.shape[0]
+                self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+                self._free_rows = list(range(2 * old - 1, old - 1, -1))
+            row = state.table_row = self._free_rows.pop()
+            self.block_table[row] = 0  # no stale block ids of the row's previous owner
+            state.num_table_blocks = 0
+        blocks = state.block_ids
+        num_blocks = len(blocks)
+        if num_blocks != state.num_table_blocks:
+            if num_blocks > self.block_table.shape[1]:
+                width = max(num_blocks, 2 * self.block_table.shape[1])
+                grown = np.zeros((self.block_table.shape[0], width), dtype=np.int32)
+                grown[:, : self.block_table.shape[1]] = self.block_table
+                self.block_table = grown
+            self.block_table[row, state.num_table_blocks : num_blocks] = blocks[state.num_table_blocks :]
+            state.num_table_blocks = num_blocks
+        return row
 
     def prepare(
         self, states: list[CachedRequestState], num_scheduled: list[int], pending: dict[str, int] | None = None
@@ -84,65 +120,70 @@ class InputBatch:
         `pending` maps the requests for which the step still in flight samples a token to that token's row in
         its output: the token is this step's input at position num_tokens, filled in on the device (here 0).
         """
-        bs = self.block_size
         pending = pending or {}
+        num_reqs = len(states)
+        input_ids: list[int] = []
+        rows: list[int] = []
+        starts: list[int] = []
+        num_known: list[int] = []  # tokens on the host (+1 when one is in flight)
         prev_idx: list[int] = []
         prev_rows: list[int] = []
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start_loc = [0]
-        sampling: list[int] = []
-        logits_idx: list[int] = []
-        for i, (st, n) in enumerate(zip(states, num_scheduled)):
+        sync_row = self._sync_row
+        for st, n in zip(states, num_scheduled):
             start = st.num_computed_tokens
+            rows.append(sync_row(st))
+            starts.append(start)
+            prompt = st.prompt_token_ids
+            output = st.output_token_ids
+            known = len(prompt) + len(output)
             end = start + n
-            blocks = st.block_ids
-            num_known = st.num_tokens
-            if end > num_known:  # the last input is the in-flight step's sample
-                if end != num_known + 1 or st.req_id not in pending:
+            if end > known:  # the last input is the in-flight step's sample
+                if end != known + 1 or st.req_id not in pending:
                     raise RuntimeError(f"request {st.req_id!r}: positions {start}..{end - 1} scheduled but only "
-                                       f"{num_known} tokens known and none in flight")
+                                       f"{known} tokens known and none in flight")
                 prev_idx.append(len(input_ids) + n - 1)
                 prev_rows.append(pending[st.req_id])
+                num_known.append(known + 1)
+            else:
+                num_known.append(known)
             if n == 1:
-                prompt_len = len(st.prompt_token_ids)
-                if start >= num_known:
+                if start >= known:
                     input_ids.append(0)
                 else:
-                    input_ids.append(
-                        st.output_token_ids[start - prompt_len] if start >= prompt_len else st.prompt_token_ids[start]
-                    )
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
+                    p = len(prompt)
+                    input_ids.append(output[start - p] if start >= p else prompt[start])
             else:
-                input_ids.extend(st.token_at(start, min(end, num_known)))
-                if end > num_known:
+                input_ids.extend(st.token_at(start, min(end, known)))
+                if end > known:
                     input_ids.append(0)
-                pos = range(start, end)
-                positions.extend(pos)
-                slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + n)
-            if end >= num_known + (st.req_id in pending):
-                sampling.append(i)
-                logits_idx.append(query_start_loc[-1] - 1)
-        width = max(len(st.block_ids) for st in states)
-        pad = [0] * width
-        block_table = np.array([st.block_ids + pad[len(st.block_ids):] for st in states], dtype=np.int32)
-        query_start_loc_np = np.asarray(query_start_loc, dtype=np.int32)
+        query_lens = np.asarray(num_scheduled, dtype=np.int32)
+        starts_np = np.asarray(starts, dtype=np.int64)
+        rows_np = np.asarray(rows, dtype=np.int64)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        seq_lens = starts_np + query_lens
+        num_tokens = int(query_start_loc[-1])
+        if num_tokens == num_reqs:  # every request computes one token (a decode step)
+            positions, token_rows = starts_np, rows_np
+        else:
+            offsets = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1], query_lens)
+            positions = np.repeat(starts_np, query_lens) + offsets
+            token_rows = np.repeat(rows_np, query_lens)
+        bs = self.block_size
+        slot_mapping = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        sampling = seq_lens >= np.asarray(num_known, dtype=np.int64)
+        width = int(max(st.num_table_blocks for st in states))
         return BatchInputs(
             req_ids=[st.req_id for st in states],
             input_ids=np.asarray(input_ids, dtype=np.int64),
-            positions=np.asarray(positions, dtype=np.int64),
-            slot_mapping=np.asarray(slots, dtype=np.int64),
-            query_lens=np.diff(query_start_loc_np),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            query_start_loc=query_start_loc_np,
-            block_table=block_table,
-            sampling_req_indices=sampling,
-            logits_indices=np.asarray(logits_idx, dtype=np.int64),
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            seq_lens=seq_lens.astype(np.int32),
+            query_start_loc=query_start_loc,
+            block_table=self.block_table[rows_np, :width],
+            sampling_req_indices=np.flatnonzero(sampling).tolist(),
+            logits_indices=(query_start_loc[1:][sampling] - 1).astype(np.int64),
             prev_token_indices=np.asarray(prev_idx, dtype=np.int64),
             prev_token_rows=np.asarray(prev_rows, dtype=np.int64),
         )

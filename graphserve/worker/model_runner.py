@@ -41,7 +41,8 @@ class ModelRunner:
         sched = config.scheduler_config
         self.max_num_tokens = sched.max_num_batched_tokens
         self.requests: dict[str, CachedRequestState] = {}
-        self.input_batch = InputBatch(self.block_size)
+        self.input_batch = InputBatch(self.block_size, max_num_reqs=sched.max_num_seqs,
+                                      max_blocks_per_req=-(-sched.max_model_len // self.block_size))
         self.metadata_builder = AttentionMetadataBuilder(self.block_size)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
@@ -110,7 +111,9 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the scheduler's changes: drop finished/preempted requests, add new ones, extend block tables."""
         for req_id in so.finished_req_ids:
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.input_batch.release(state)
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id,
