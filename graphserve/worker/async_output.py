@@ -41,13 +41,12 @@ class AsyncModelRunnerOutput:
         self._states = states
         self._sampling_req_indices = sampling_req_indices
         self._done = sampler_output is None
-        # Decode inputs of the next step: row of each sampling request in `sampled_token_ids`.
+        # Decode inputs of the next step (see row_of_request).
         self.sampled_token_ids: Optional[torch.Tensor] = None
-        self.row_of_request: dict[str, int] = {}
+        self._row_of_request: Optional[dict[str, int]] = None
         if sampler_output is None:
             return
         self.sampled_token_ids = sampler_output.sampled_token_ids
-        self.row_of_request = {states[i].req_id: row for row, i in enumerate(sampling_req_indices)}
         self._host = [_to_host(t) for t in (sampler_output.sampled_token_ids, sampler_output.sampled_logprobs,
                                             sampler_output.topk_token_ids, sampler_output.topk_logprobs,
                                             sampler_output.sampled_ranks)]
@@ -60,6 +59,13 @@ class AsyncModelRunnerOutput:
     def ready(cls, output: ModelRunnerOutput) -> "AsyncModelRunnerOutput":
         """An output that needs no device work (an empty step, or nothing sampled)."""
         return cls(output, [], [], None)
+
+    @property
+    def row_of_request(self) -> dict[str, int]:
+        """Row of each sampling request in `sampled_token_ids` (built on first use: only async steps ask)."""
+        if self._row_of_request is None:
+            self._row_of_request = {self._states[i].req_id: row for row, i in enumerate(self._sampling_req_indices)}
+        return self._row_of_request
 
     @property
     def done(self) -> bool:

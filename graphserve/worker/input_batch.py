@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphserve.worker.sampling_metadata import SamplingRequestState
+from graphserve.worker.sampling_metadata import SamplingRequestState, needs_output_token_ids
 
 if TYPE_CHECKING:
     from graphserve.sampling_params import SamplingParams
@@ -24,11 +24,14 @@ class CachedRequestState:
     num_computed_tokens: int
     # Shares the token lists above, so a sampled token is appended once for both views.
     sampling: SamplingRequestState = field(init=False, repr=False)
+    needs_output_token_ids: bool = field(init=False, repr=False)
     # Its row of InputBatch's persistent block table (-1: none yet) and how many of its blocks the row holds.
     table_row: int = field(default=-1, init=False, repr=False)
     num_table_blocks: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Sampling reads its generated tokens (async scheduling waits for a token still in flight).
+        self.needs_output_token_ids = needs_output_token_ids(self.sampling_params)
         self.sampling = SamplingRequestState(
             req_id=self.req_id,
             sampling_params=self.sampling_params,

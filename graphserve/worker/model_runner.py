@@ -23,7 +23,7 @@ from graphserve.worker.memory_profiler import (
     model_weight_bytes,
     profile_kv_cache_memory,
 )
-from graphserve.worker.sampling_metadata import build_sampling_metadata, needs_output_token_ids
+from graphserve.worker.sampling_metadata import build_sampling_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class ModelRunner:
         num_scheduled = [so.num_scheduled_tokens[rid] for rid in order]
         last = self._last_output
         if last is not None and not last.done and any(
-                st.req_id in last.row_of_request and needs_output_token_ids(st.sampling_params) for st in states):
+                st.needs_output_token_ids and st.req_id in last.row_of_request for st in states):
             last.get_output()
         pending = last.row_of_request if last is not None and not last.done else {}
         batch = self.input_batch.prepare(states, num_scheduled, pending)

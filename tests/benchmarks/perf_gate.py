@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
+from graphserve.platforms.cpu import CpuPlatform
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_PATH = REPO_ROOT / "perf" / "baselines" / "cpu_hot_paths.json"
 SPREAD_PATH = REPO_ROOT / "perf" / "baselines" / "cpu_hot_paths_spread.json"
@@ -162,17 +164,6 @@ def gate_enabled(environ: Mapping[str, str]) -> bool:
     return environ.get(ENV_GATE, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict:
     """What the ratios depend on: interpreter and library versions, CPU model and count."""
     import numpy
@@ -182,7 +173,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
-        "cpu": _cpu_model(),
+        "cpu": CpuPlatform().device_name(),
         "num_cpus": os.cpu_count(),
     }
 
