@@ -19,10 +19,11 @@ def model_dir(tiny_model):
     return tiny_model("llama")[0]
 
 
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    engine = AsyncLLM.from_engine_args(EngineArgs(model=model_dir, num_gpu_blocks_override=NUM_BLOCKS),
-                                       log_requests=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async_scheduling"])
+def engine(model_dir, request):
+    """Every test runs against both engine loops: synchronous steps, and async scheduling (a step in flight)."""
+    args = EngineArgs(model=model_dir, num_gpu_blocks_override=NUM_BLOCKS, async_scheduling=request.param)
+    engine = AsyncLLM.from_engine_args(args, log_requests=False)
     yield engine
     engine.shutdown()
 
