@@ -3,6 +3,9 @@
 Prompts are drawn from a few shared prefixes (system prompts) plus unique suffixes, arrive in forks of identical
 prompts (n > 1), with or without a cache salt, so prefix-cache sharing, eviction and reset are exercised too;
 the fake runner checks that every position a request attends to holds its own prefix's KV.
+
+With async scheduling the machine keeps one step in flight: step N+1 is scheduled and run before step N's output
+is booked, as the engine core does on GPUs (the fake runner, like the device, knows N's tokens when it runs N+1).
 """
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -34,8 +37,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget=st.integers(1, 40),
         max_num_seqs=st.integers(1, 6),
         caching=st.sampled_from([True, True, True, False]),
+        async_scheduling=st.booleans(),
     )
-    def setup(self, block_size, extra_blocks, chunked, budget, max_num_seqs, caching):
+    def setup(self, block_size, extra_blocks, chunked, budget, max_num_seqs, caching, async_scheduling):
         self.scheduler = make_scheduler(
             block_size=block_size,
             num_blocks=cdiv(MAX_MODEL_LEN, block_size) + extra_blocks,
@@ -52,6 +56,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.streamed = {}  # id -> tokens received through EngineCoreOutputs
         self.finish_reasons = {}  # id -> finish reason seen in an output, or "abort"
         self.preemptions_seen = 0
+        self.async_scheduling = async_scheduling
+        self.inflight = None  # async: (SchedulerOutput, ModelRunnerOutput) of the step not booked yet
 
     @precondition(lambda self: len(self.requests) < MAX_REQUESTS)
     @rule(
@@ -116,6 +122,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def consistent(self):
         if hasattr(self, "scheduler"):
             check_invariants(self.scheduler, self.runner)
+            for request in self.scheduler.requests.values():
+                assert request.num_inflight_tokens >= 0 and request.num_output_placeholders >= 0, request
+                if self.inflight is None:  # nothing in flight: nothing counted as in flight
+                    assert request.num_inflight_tokens == request.num_output_placeholders == 0, request
 
     def _step(self):
         scheduler = self.scheduler
@@ -129,7 +139,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                 event("prefix-cache hit")
         if any(b.ref_cnt > 1 for b in scheduler.kv_cache_manager.block_pool.blocks):
             event("block shared")
-        outputs = scheduler.update_from_output(so, self.runner.execute_model(so))
+        model_output = self.runner.execute_model(so)
+        if self.async_scheduling:  # book the step launched before this one
+            booked, self.inflight = self.inflight, None if so.is_empty else (so, model_output)
+            outputs = scheduler.update_from_output(*booked) if booked is not None else []
+            if booked is not None and self.inflight is not None:
+                event("step booked while the next one is in flight")
+        else:
+            outputs = scheduler.update_from_output(so, model_output)
         check_invariants(scheduler, self.runner)  # also during the teardown drain
         if cached_before - set(scheduler.kv_cache_manager.block_pool.cached_block_hash_to_block):
             event("cached block evicted")
@@ -149,10 +166,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         scheduler = self.scheduler
         # Every request runs to completion in a bounded number of steps, however it was preempted.
         for _ in range(50 * MAX_REQUESTS * MAX_MODEL_LEN):
-            if not scheduler.has_unfinished_requests():
+            if not scheduler.has_unfinished_requests() and self.inflight is None:
                 break
             self._step()
-        assert not scheduler.has_unfinished_requests()
+        assert not scheduler.has_unfinished_requests() and self.inflight is None
         last = scheduler.schedule()
         assert last.is_empty
         self.runner.execute_model(last)  # hands the last finished ids to the runner
