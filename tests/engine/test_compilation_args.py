@@ -1,4 +1,5 @@
-"""EngineArgs -> CompilationConfig: platform defaults, --enforce-eager, --compile, --cuda-graph-sizes."""
+"""EngineArgs -> CompilationConfig / SchedulerConfig: platform defaults, --enforce-eager, --compile, --cuda-graph-sizes,
+--[no-]async-scheduling."""
 import argparse
 
 import pytest
@@ -52,3 +53,19 @@ def test_invalid_settings():
         CompilationConfig(use_cudagraph=True)
     with pytest.raises(ValueError, match="level"):
         CompilationConfig(level=3)
+
+
+def test_async_scheduling_flag_and_platform_default(monkeypatch, tiny_model):
+    assert _parse([]).async_scheduling is None
+    assert _parse(["--async-scheduling"]).async_scheduling is True
+    assert _parse(["--no-async-scheduling"]).async_scheduling is False
+    model_dir = tiny_model("llama")[0]
+    config = EngineArgs(model=model_dir, device="cpu").create_engine_config()
+    assert config.scheduler_config.async_scheduling is False  # the CPU computes synchronously: nothing to overlap
+    config = EngineArgs(model=model_dir, device="cpu", async_scheduling=True).create_engine_config()
+    assert config.scheduler_config.async_scheduling is True
+    from graphserve.platforms import resolve_platform
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_platform("cuda").capabilities.async_scheduling_by_default
