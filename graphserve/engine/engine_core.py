@@ -34,6 +34,7 @@ class EngineCore:
         self.async_scheduling = config.scheduler_config.async_scheduling
         # Async scheduling: the step launched last, whose output is booked during the next step() call.
         self._inflight: tuple[SchedulerOutput, AsyncModelRunnerOutput] | None = None
+        self._booked_early: list[EngineCoreOutput] = []  # outputs of an in-flight step booked before step()
         # Everything built so far (model, tokenizer, library state) lives for the whole run: move it out of the
         # collector's reach so full collections during serving do not walk it (they cost ~1 ms per step).
         gc.collect()
@@ -41,7 +42,16 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queue a request (raises ValueError if it can never fit)."""
+        if self._inflight is not None and request.request_id in self._inflight[0].num_scheduled_tokens:
+            # The id of an aborted request, reused while that request's last step is still in flight: book the
+            # step now, so its output cannot be taken for the new request's.
+            self._book_inflight()
         self.scheduler.add_request(request)
+
+    def _book_inflight(self) -> None:
+        scheduler_output, result = self._inflight
+        self._inflight = None
+        self._booked_early += self.scheduler.update_from_output(scheduler_output, result.get_output())
 
     def abort_requests(self, req_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End requests now (client gone, stop string found); their KV blocks are freed at once."""
@@ -64,16 +74,17 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         # Also for an empty step: the runner drops the requests that finished since the last one.
         launched = self.model_runner.execute_model_async(scheduler_output)
-        outputs: list[EngineCoreOutput] = []
+        outputs, self._booked_early = self._booked_early, []
         if self._inflight is not None:
             prev_output, prev_result = self._inflight
-            outputs = self.scheduler.update_from_output(prev_output, prev_result.get_output())
+            outputs += self.scheduler.update_from_output(prev_output, prev_result.get_output())
         self._inflight = None if scheduler_output.is_empty else (scheduler_output, launched)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
         """Requests waiting or running, or a launched step whose output is not booked yet."""
-        return self._inflight is not None or self.scheduler.has_unfinished_requests()
+        return (self._inflight is not None or bool(self._booked_early)
+                or self.scheduler.has_unfinished_requests())
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache; False while requests hold KV blocks."""

@@ -185,3 +185,23 @@ def test_abort_while_a_step_is_in_flight(sync_llm, async_llm):
     assert set(finished) == {"r0", "r2", "r3"}
     assert all(finished[f"r{i}"] == expected[i].outputs[0].token_ids for i in (0, 2, 3))
     assert engine.engine_core.scheduler.kv_cache_manager.usage == 0.0
+
+
+def test_request_id_reused_while_its_aborted_step_is_in_flight(sync_llm, async_llm):
+    old_prompt, new_prompt = _prompts(2, seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = _run(sync_llm, [new_prompt], params)[0].outputs[0].token_ids
+    engine = async_llm.llm_engine
+    engine.add_request("dup", {"prompt_token_ids": old_prompt}, params)
+    for _ in range(3):
+        engine.step()
+    assert "dup" in engine.engine_core._inflight[0].num_scheduled_tokens
+    engine.abort_request("dup")
+    engine.add_request("dup", {"prompt_token_ids": new_prompt}, params)  # the old one's step is still in flight
+    finished = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished = out
+    assert finished is not None and finished.prompt_token_ids == new_prompt
+    assert finished.outputs[0].token_ids == expected
