@@ -56,6 +56,41 @@ def _attend_one_sequence(
     return out.permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
 
 
+def _decode_attention(
+    query: torch.Tensor,  # [num_decodes, num_heads, head_dim]: one query token per sequence
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_decodes, >= max blocks] int
+    seq_lens: torch.Tensor,  # [num_decodes] int64
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim] float32
+    """Single-token queries of many sequences at once: one gather of their padded contexts, one masked softmax.
+
+    Positions past a sequence's length (and before its window) are masked to -inf, so they weigh exactly zero.
+    """
+    num_decodes, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = int(seq_lens.max())
+    num_blocks = -(-max_len // block_size)
+    blocks = block_table[:, :num_blocks].long()
+    # Table entries past a sequence's own blocks are padding (any value): read block 0 there instead, masked below.
+    owned = torch.arange(num_blocks, device=query.device).unsqueeze(0) < (-(-seq_lens // block_size)).unsqueeze(1)
+    blocks = torch.where(owned, blocks, torch.zeros_like(blocks))
+    k = key_cache[blocks].flatten(1, 2)[:, :max_len].float()  # [num_decodes, max_len, num_kv_heads, head_dim]
+    v = value_cache[blocks].flatten(1, 2)[:, :max_len].float()
+    q = query.float().view(num_decodes, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bkgd,bskd->bkgs", q, k).mul_(scale)
+    pos = torch.arange(max_len, device=query.device)
+    visible = pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [num_decodes, max_len]
+    if sliding_window > 0:
+        visible &= pos.unsqueeze(0) > (seq_lens - 1 - sliding_window).unsqueeze(1)
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(num_decodes, num_heads, head_dim)
+
+
 def _paged_attention_ref(
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -69,18 +104,26 @@ def _paged_attention_ref(
     max_query_len: int,
     max_seq_len: int,
 ) -> None:
-    """Attention of every sequence's new tokens over its cached context; one gather and one matmul per sequence.
+    """Attention of every sequence's new tokens over its cached context.
 
-    `max_query_len` and `max_seq_len` size the grids of device kernels; the reference does not need them.
-    Rows past `query_start_loc[-1]` (padding for graph buckets) are zeroed.
+    Sequences with one new token (decodes) are attended together in one batched pass; each longer chunk
+    (prefill) gets one gather and one matmul of its own. `max_query_len` and `max_seq_len` size the grids of
+    device kernels; the reference does not need them. Rows past `query_start_loc[-1]` (graph padding) are zeroed.
     """
     block_size = key_cache.shape[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
+    decodes = [b for b, n in enumerate(lens) if n > 0 and starts[b + 1] - starts[b] == 1]
+    if decodes:
+        rows = torch.tensor([starts[b] for b in decodes], device=query.device)
+        index = torch.tensor(decodes, device=query.device)
+        attn = _decode_attention(query[rows], key_cache, value_cache, block_table[index],
+                                 seq_lens[index].long(), scale, sliding_window)
+        out[rows] = attn.to(out.dtype)
     for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
-        if q_end == q_start or seq_len == 0:
-            continue
+        if q_end - q_start <= 1 or seq_len == 0:
+            continue  # nothing to attend, or a decode (done above)
         num_blocks = -(-seq_len // block_size)
         blocks = block_table[b, :num_blocks].long()
         k = key_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
