@@ -132,15 +132,23 @@ class _StaticInputs:
         self._host_sets = [{n: torch.full(s, f, dtype=d, pin_memory=pin_memory) for n, (s, d, f) in shapes.items()}
                            for _ in range(2)]
         self._host_np_sets = [{n: t.numpy() for n, t in host.items()} for host in self._host_sets]
-        self.host, self.host_np = self._host_sets[0], self._host_np_sets[0]
         self._turn = 0
         # Every row holds exactly one query token, padded rows included: fixed for the runner's lifetime.
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
 
+    @property
+    def host(self) -> dict[str, torch.Tensor]:
+        """The staging set of this step (pinned on CUDA)."""
+        return self._host_sets[self._turn]
+
+    @property
+    def host_np(self) -> dict[str, np.ndarray]:
+        """Numpy views of `host`."""
+        return self._host_np_sets[self._turn]
+
     def next_staging_set(self) -> None:
         """Switch `host` / `host_np` to the other staging set (once per step, before staging)."""
         self._turn ^= 1
-        self.host, self.host_np = self._host_sets[self._turn], self._host_np_sets[self._turn]
 
     @torch.inference_mode()
     def upload(self, size: int) -> None:

@@ -34,7 +34,7 @@ class EngineCore:
         self.async_scheduling = config.scheduler_config.async_scheduling
         # Async scheduling: the step launched last, whose output is booked during the next step() call.
         self._inflight: tuple[SchedulerOutput, AsyncModelRunnerOutput] | None = None
-        self._booked_early: list[EngineCoreOutput] = []  # outputs of an in-flight step booked before step()
+        self._booked_early: list[EngineCoreOutput] = []  # booked outputs the next step() has not returned yet
         # Everything built so far (model, tokenizer, library state) lives for the whole run: move it out of the
         # collector's reach so full collections during serving do not walk it (they cost ~1 ms per step).
         gc.collect()
@@ -49,6 +49,7 @@ class EngineCore:
         self.scheduler.add_request(request)
 
     def _book_inflight(self) -> None:
+        """Wait for the in-flight step's tokens and book them; its outputs go out with the next step()."""
         scheduler_output, result = self._inflight
         self._inflight = None
         self._booked_early += self.scheduler.update_from_output(scheduler_output, result.get_output())
@@ -74,10 +75,9 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         # Also for an empty step: the runner drops the requests that finished since the last one.
         launched = self.model_runner.execute_model_async(scheduler_output)
-        outputs, self._booked_early = self._booked_early, []
         if self._inflight is not None:
-            prev_output, prev_result = self._inflight
-            outputs += self.scheduler.update_from_output(prev_output, prev_result.get_output())
+            self._book_inflight()
+        outputs, self._booked_early = self._booked_early, []
         self._inflight = None if scheduler_output.is_empty else (scheduler_output, launched)
         return outputs
 

@@ -183,14 +183,18 @@ def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device
     }
 
 
+def _has_penalties(params: SamplingParams) -> bool:
+    """A presence, frequency or repetition penalty is set."""
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
 def needs_output_token_ids(params: SamplingParams) -> bool:
     """Whether sampling reads the request's generated tokens (so they must all be on the host first).
 
     Penalties and logits processors read their values; a seed (the draw's position) and min_tokens read their
     number. Everything else samples correctly while the previous step's token is still on its way.
     """
-    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
-                or params.logits_processors or params.seed is not None or params.min_tokens)
+    return bool(_has_penalties(params) or params.logits_processors or params.seed is not None or params.min_tokens)
 
 
 def _all_plain_greedy(reqs: list[SamplingRequestState]) -> bool:
@@ -198,8 +202,7 @@ def _all_plain_greedy(reqs: list[SamplingRequestState]) -> bool:
     for req in reqs:
         p = req.sampling_params
         if (p.sampling_type != SamplingType.GREEDY or p.logits_processors or p.logit_bias or p.logprobs is not None
-                or p.compute_cumulative_logprob or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                or len(req.output_token_ids) < p.min_tokens):
+                or p.compute_cumulative_logprob or _has_penalties(p) or len(req.output_token_ids) < p.min_tokens):
             return False
     return True
 
