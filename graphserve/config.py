@@ -92,9 +92,11 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """Where the model runs: 'auto' resolves through the platform layer."""
+    """Where the model runs and with which attention backend (both resolved by EngineArgs)."""
 
-    device: str = "auto"
+    device: str = "auto"  # as the user gave it: auto | cpu | cuda
+    platform: str = "cpu"  # resolved once through the platform layer: cpu | cuda | rocm
+    attention_backend: str | None = None  # a registered backend name; None = the platform's default
 
 
 def default_cudagraph_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:

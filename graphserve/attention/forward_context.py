@@ -22,7 +22,7 @@ class ForwardContext:
     """What the attention layers of one forward pass read."""
 
     attn_metadata: "AttentionMetadata | None"  # None = profiling/dummy run: plain causal attention, cache untouched
-    kv_caches: Sequence[tuple["torch.Tensor", "torch.Tensor"]]  # per layer (key_cache, value_cache)
+    kv_caches: Sequence["torch.Tensor"]  # per layer, in the attention backend's KV cache shape
 
 
 # Per thread: each engine runs its forwards on its own thread (the server's engine-core thread, the caller's for
@@ -33,7 +33,7 @@ _local = threading.local()
 @contextmanager
 def set_forward_context(
     attn_metadata: "AttentionMetadata | None",
-    kv_caches: Sequence[tuple["torch.Tensor", "torch.Tensor"]] | None,
+    kv_caches: Sequence["torch.Tensor"] | None,
 ) -> Iterator[ForwardContext]:
     """Make `attn_metadata` and `kv_caches` visible to attention layers for the duration of the block."""
     previous = getattr(_local, "context", None)

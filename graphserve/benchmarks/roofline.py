@@ -102,7 +102,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def loaded_model(llm: Any):
     """The nn.Module an `LLM` runs, or None when the engine does not expose one in this process."""
     engine_core = getattr(llm.llm_engine, "engine_core", None)
-    runner = getattr(engine_core, "model_runner", None)
+    runner = getattr(getattr(engine_core, "model_executor", None), "model_runner", None)
     return getattr(runner, "model", None)
 
 

@@ -57,10 +57,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
-        self.num_computed_tokens = 0  # tokens whose KV is written: booked when their step's output arrives
-        # Async scheduling (a step is scheduled while the previous one still runs): tokens scheduled in steps whose
-        # output has not arrived yet, and the tokens those steps will sample (appended when their output arrives).
-        self.num_inflight_tokens = 0
+        # Tokens whose KV is written or being written: advanced when their step is scheduled.
+        self.num_computed_tokens = 0
+        # Tokens being sampled by a step whose output has not arrived (only the AsyncScheduler sets this): the
+        # next step computes them although their ids are not known on the host yet.
         self.num_output_placeholders = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

@@ -184,9 +184,9 @@ class Scheduler:
         for request in running:
             if token_budget <= 0:
                 break
-            # Positions before `start` are computed or being computed by an in-flight step; the placeholders
-            # are tokens that step samples, known to the device but not yet to us (async scheduling).
-            start = request.num_computed_tokens + request.num_inflight_tokens
+            # Positions before `start` are computed or being computed; placeholders are tokens a step still in
+            # flight samples, known to the device but not yet to us (AsyncScheduler; always 0 here otherwise).
+            start = request.num_computed_tokens
             num_placeholders = request.num_output_placeholders
             num_new_tokens = len(request.all_token_ids) + num_placeholders - start
             if num_placeholders and self._ends_with_placeholders(request):
@@ -219,20 +219,15 @@ class Scheduler:
         return (len(request.output_token_ids) + num_placeholders >= request.max_tokens
                 or len(request.all_token_ids) + num_placeholders >= self.max_model_len)
 
-    @staticmethod
-    def _book_scheduled(request: Request, start: int, num_new_tokens: int) -> None:
-        """Count the tokens as in flight; a chunk that reaches the end of the known tokens samples one more."""
-        if start + num_new_tokens >= len(request.all_token_ids) + request.num_output_placeholders:
-            request.num_output_placeholders += 1
-        request.num_inflight_tokens += num_new_tokens
+    def _book_scheduled(self, request: Request, start: int, num_new_tokens: int) -> None:
+        """The scheduled tokens count as computed from now on (their KV is written before any later step reads it)."""
+        request.num_computed_tokens = start + num_new_tokens
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> tuple[Optional[list[int]], bool]:
         """Allocate slots, preempting the newest running requests until they fit; (None, True) if it went itself."""
         running = self.running
         preempted = False
-        # The slots must also cover the tokens an in-flight step is computing.
-        num_slots = request.num_inflight_tokens + num_new_tokens
-        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_slots)) is None:
+        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new_tokens)) is None:
             victim = running.pop()
             self._preempt(victim)
             preempted = True
@@ -318,9 +313,7 @@ class Scheduler:
         """Recompute-mode preemption: drop the KV, requeue at the front of the waiting queue."""
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_inflight_tokens = 0  # an in-flight step's output for it is dropped (status is not RUNNING)
-        request.num_output_placeholders = 0
+        request.num_computed_tokens = 0  # an in-flight step's output for it is dropped (status is not RUNNING)
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -330,7 +323,7 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Advance computed tokens, append sampled tokens, apply stop checks, free finished requests."""
+        """Append sampled tokens, cache the blocks computed by now, apply stop checks, free finished requests."""
         num_scheduled_tokens = scheduler_output.num_scheduled_tokens
         if len(model_runner_output.req_ids) != len(num_scheduled_tokens):
             raise RuntimeError(f"model runner returned {len(model_runner_output.req_ids)} requests for "
@@ -347,16 +340,11 @@ class Scheduler:
             request = requests.get(req_id)
             if request is None or request.status is not _RUNNING:
                 continue  # finished from outside between schedule() and now
-            num_new_tokens = num_scheduled_tokens[req_id]
-            request.num_computed_tokens += num_new_tokens
-            request.num_inflight_tokens -= num_new_tokens
-            if token_ids:
-                request.num_output_placeholders -= 1
-            if request.num_computed_tokens >= request.next_cache_boundary:
-                kv_cache_manager.cache_blocks(request)  # full blocks just computed become shareable
             new_prompt_logprobs = prompt_logprobs.get(req_id) if prompt_logprobs else None
             if not token_ids:  # partial prefill
-                self._check_partial(request)
+                if request.num_computed_tokens >= request.next_cache_boundary:
+                    kv_cache_manager.cache_blocks(request)  # full blocks computed by now become shareable
+                self._check_partial(request, scheduler_output)
                 if new_prompt_logprobs is not None:
                     outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs,
                                                     num_cached_tokens=request.num_cached_tokens))
@@ -368,6 +356,10 @@ class Scheduler:
                 stopped = check_stop(request, token_id, max_model_len)
             else:
                 token_ids, stopped = self._append_tokens(request, token_ids)
+            # After the append: a block may end with the token just sampled (a step scheduled after this one,
+            # async scheduling, computes it), and a block's hash needs all of its tokens.
+            if request.num_computed_tokens >= request.next_cache_boundary:
+                kv_cache_manager.cache_blocks(request)
             new_sampled_logprobs = sampled_logprobs.get(req_id) if sampled_logprobs else None
             new_logprobs = logprobs.get(req_id) if logprobs else None
             finish_reason = None
@@ -396,12 +388,14 @@ class Scheduler:
         return outputs
 
     @staticmethod
-    def _check_partial(request: Request) -> None:
-        if request.num_computed_tokens >= len(request.all_token_ids):
+    def _check_partial(request: Request, scheduler_output: SchedulerOutput) -> None:
+        """A step that sampled nothing for the request must have ended before its last known token."""
+        req_id = request.request_id
+        start = next(d.num_computed_tokens for d in (*scheduler_output.scheduled_new_reqs,
+                                                     *scheduler_output.scheduled_cached_reqs) if d.req_id == req_id)
+        if start + scheduler_output.num_scheduled_tokens[req_id] >= len(request.all_token_ids):
             # Scheduling it again would compute zero tokens forever.
-            raise RuntimeError(
-                f"model runner sampled no token for {request.request_id!r} although its input is complete"
-            )
+            raise RuntimeError(f"model runner sampled no token for {req_id!r} although its input is complete")
 
     def _append_tokens(self, request: Request, token_ids: list[int]) -> tuple[list[int], bool]:
         """Append several sampled tokens one by one, cutting them at the first that stops the request."""

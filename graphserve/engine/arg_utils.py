@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from graphserve.config import (
     CacheConfig,
@@ -16,6 +16,9 @@ from graphserve.config import (
     default_cudagraph_capture_sizes,
     normalize_dtype,
 )
+
+if TYPE_CHECKING:
+    from graphserve.platforms.interface import PlatformCapabilities
 
 _GIB = 1 << 30
 
@@ -66,6 +69,7 @@ class EngineArgs:
     compile: Optional[bool] = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
     cuda_graph_sizes: Optional[list[int]] = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
     async_scheduling: Optional[bool] = None  # overlap host work with the device; None = the platform's default (GPU on)
+    attention_backend: Optional[str] = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -91,11 +95,14 @@ class EngineArgs:
             num_blocks=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
         )
+        from graphserve.attention.backends.registry import validate_backend_name
         from graphserve.platforms import resolve_platform
 
+        platform = resolve_platform(self.device)
+        attention_backend = None if self.attention_backend is None else validate_backend_name(self.attention_backend)
         async_scheduling = self.async_scheduling
         if async_scheduling is None:
-            async_scheduling = resolve_platform(self.device).capabilities.async_scheduling_by_default
+            async_scheduling = platform.capabilities.async_scheduling_by_default
         scheduler_config = SchedulerConfig(
             max_model_len=max_len,
             max_num_seqs=self.max_num_seqs,
@@ -103,17 +110,22 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             async_scheduling=async_scheduling,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(self.device),
-                            self.create_compilation_config(self.max_num_seqs))
+        device_config = DeviceConfig(self.device, platform.name.value, attention_backend)
+        return EngineConfig(model_config, cache_config, scheduler_config, device_config,
+                            self.create_compilation_config(self.max_num_seqs, platform.capabilities))
 
-    def create_compilation_config(self, max_num_seqs: int) -> CompilationConfig:
+    def create_compilation_config(
+        self, max_num_seqs: int, capabilities: Optional["PlatformCapabilities"] = None
+    ) -> CompilationConfig:
         """Compile and graph defaults of the platform, overridden by enforce_eager / compile / cuda_graph_sizes."""
         from graphserve import envs
-        from graphserve.platforms import resolve_platform
 
+        if capabilities is None:
+            from graphserve.platforms import resolve_platform
+
+            capabilities = resolve_platform(self.device).capabilities
         if self.enforce_eager and self.compile:
             raise ValueError("enforce_eager and compile contradict each other; pass one of them")
-        capabilities = resolve_platform(self.device).capabilities
         compile_model = capabilities.compile_by_default if self.compile is None else self.compile
         use_graphs = capabilities.supports_graphs and not self.enforce_eager
         if self.cuda_graph_sizes:
@@ -167,6 +179,10 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                        help="schedule and launch the next step while the device computes this one "
                             "(default: on for GPUs, off on CPU)")
+        g.add_argument("--attention-backend", default=d.attention_backend, type=str.upper,
+                       choices=["PAGED_ATTN", "TORCH_SDPA"],
+                       help="attention implementation (default: the platform's, PAGED_ATTN); "
+                            "TORCH_SDPA runs torch's scaled_dot_product_attention, without CUDA graphs")
         g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,
                        help="decode batch sizes captured as CUDA/HIP graphs (default: 1 2 4 8 16 ... max-num-seqs)")
         return parser

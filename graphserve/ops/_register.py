@@ -24,15 +24,12 @@ class RegisteredOp:
 
     def __init__(
         self, name: str, reference: Callable[..., object], schema: str, reference_graph_safe: bool = True,
-        calls: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.reference = reference
         self.schema = schema
         # False when the reference syncs with the host (`.tolist()`, boolean masks): graph capture forbids that.
         self.reference_graph_safe = reference_graph_safe
-        # Ops this one only routes to: it can be captured exactly when they can.
-        self.calls = calls
         self.kernels: dict[str, Callable[..., object]] = {"CompositeExplicitAutograd": reference}
 
     @property
@@ -60,13 +57,12 @@ def register_op(
     mutates_args: Sequence[str],
     fake: Callable[..., object] | None = None,
     reference_graph_safe: bool = True,
-    calls: Sequence[str] = (),
 ) -> RegisteredOp:
     """Define `torch.ops.graphserve.<name>` with a schema inferred from `reference`'s type hints.
 
     `mutates_args` names every tensor argument the op writes (outputs are preallocated and passed in).
     `fake` may be omitted only for ops that return nothing. `reference_graph_safe=False` marks a reference that
-    syncs with the host; `calls` names the ops a routing op dispatches to (its graph safety is theirs).
+    syncs with the host.
     """
     if name in _OPS:
         raise RuntimeError(f"graphserve::{name} is already registered")
@@ -78,7 +74,7 @@ def register_op(
     _LIB.define(name + schema)
     _LIB.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
-    registered = RegisteredOp(name, reference, schema, reference_graph_safe, tuple(calls))
+    registered = RegisteredOp(name, reference, schema, reference_graph_safe)
     _OPS[name] = registered
     return registered
 

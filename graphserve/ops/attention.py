@@ -1,11 +1,60 @@
-"""Paged KV cache ops: `reshape_and_cache` (write new K/V) and `paged_attention` (mixed prefill/decode batches).
+"""Attention ops: `unified_attention` (what a model's attention layer calls), and the paged KV cache ops
+`reshape_and_cache` (write new K/V) and `paged_attention` (mixed prefill/decode batches).
 
-KV cache layout (flash/NHD): key_cache and value_cache are each [num_blocks, block_size, num_kv_heads, head_dim].
-Token slot `s` lives at block `s // block_size`, offset `s % block_size`; slot < 0 means "do not write".
+`unified_attention`, like vLLM's `unified_attention_with_output`, receives only q/k/v, a preallocated output
+and an integer layer id: it finds the layer at run time (`register_attention_layer`) and the layer runs its
+backend with the step's metadata and KV cache. torch.compile therefore traces no metadata, and the compile layer
+can split the graph at this op (piecewise graphs).
+
+Paged KV cache layout of the paged ops (flash/NHD): key_cache and value_cache are each
+[num_blocks, block_size, num_kv_heads, head_dim]. Token slot `s` lives at block `s // block_size`, offset
+`s % block_size`; slot < 0 means "do not write".
 """
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Protocol
+
 import torch
 
 from graphserve.ops._register import register_op
+
+
+class AttentionLayer(Protocol):
+    """What `unified_attention` calls: a model's attention layer (graphserve.layers.attention.Attention)."""
+
+    def forward_attention(
+        self,
+        out: torch.Tensor,  # [num_tokens, num_heads * head_size]
+        query: torch.Tensor,  # [num_tokens, num_heads * head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    ) -> None:
+        """Attend this step's tokens and write the result into `out`."""
+
+
+# Layers are found by a process-unique id, not by layer index, so two models in one process never collide.
+_LAYERS: "weakref.WeakValueDictionary[int, AttentionLayer]" = weakref.WeakValueDictionary()
+_NEXT_LAYER_ID = itertools.count()
+
+
+def register_attention_layer(layer: AttentionLayer) -> int:
+    """Make `layer` reachable from `unified_attention`; returns its id (held weakly: the model owns the layer)."""
+    layer_id = next(_NEXT_LAYER_ID)
+    _LAYERS[layer_id] = layer
+    return layer_id
+
+
+def _unified_attention_ref(
+    out: torch.Tensor,  # [num_tokens, num_heads * head_size]
+    query: torch.Tensor,  # [num_tokens, num_heads * head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    layer_id: int,
+) -> None:
+    """Route to layer `layer_id`, which runs its attention backend."""
+    _LAYERS[layer_id].forward_attention(out, query, key, value)
 
 
 def _reshape_and_cache_ref(
@@ -141,6 +190,19 @@ _RESHAPE_AND_CACHE = register_op(
 _PAGED_ATTENTION = register_op(
     "paged_attention", _paged_attention_ref, mutates_args=("out",), reference_graph_safe=False
 )
+# A router: it can be captured exactly when the backend's own ops can (AttentionBackend.graph_blockers).
+register_op("unified_attention", _unified_attention_ref, mutates_args=("out",))
+
+
+def unified_attention(
+    out: torch.Tensor,  # [num_tokens, num_heads * head_size]
+    query: torch.Tensor,  # [num_tokens, num_heads * head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    layer_id: int,
+) -> None:
+    """Attention of layer `layer_id` over the paged cache, written into `out`."""
+    torch.ops.graphserve.unified_attention(out, query, key, value, layer_id)
 
 
 def reshape_and_cache(

@@ -31,6 +31,23 @@ def resolve_platform(device: str = "auto") -> "Platform":
     return CudaPlatform()
 
 
+def get_platform(name: str) -> "Platform":
+    """The platform named "cpu", "cuda" or "rocm" (as resolved earlier by `resolve_platform`), without detection."""
+    if name == "cpu":
+        from graphserve.platforms.cpu import CpuPlatform
+
+        return CpuPlatform()
+    if name == "cuda":
+        from graphserve.platforms.cuda import CudaPlatform
+
+        return CudaPlatform()
+    if name == "rocm":
+        from graphserve.platforms.rocm import RocmPlatform
+
+        return RocmPlatform()
+    raise ValueError(f"unknown platform {name!r}; known: cpu, cuda, rocm")
+
+
 def current_platform() -> "Platform":
     """The platform of this process (auto-detected once)."""
     global _current

@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 
 from graphserve.platforms._imports import call_quietly, import_quietly
-from graphserve.platforms.interface import DeviceInfo, Platform, PlatformCapabilities, PlatformEnum
+from graphserve.platforms.interface import (
+    DeviceEvent,
+    DeviceGraph,
+    DeviceInfo,
+    Platform,
+    PlatformCapabilities,
+    PlatformEnum,
+)
 from graphserve.platforms.kernels import register_triton_kernels_once
 
 
@@ -67,6 +74,23 @@ def torch_device_info(index: int) -> DeviceInfo:
     )
 
 
+class CudaGraph:
+    """A torch.cuda.CUDAGraph (CUDA or HIP) captured into a memory pool shared with other graphs."""
+
+    def __init__(self, pool: object) -> None:
+        self.pool = pool
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn) -> None:
+        """Capture `fn` on torch's side capture stream."""
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            fn()
+
+    def replay(self) -> None:
+        """Launch the whole graph with one call."""
+        self.graph.replay()
+
+
 class CudaPlatform(Platform):
     """CUDA devices; Triton kernels are registered on the "CUDA" dispatch key on first use."""
 
@@ -106,3 +130,14 @@ class CudaPlatform(Platform):
 
     def memory_allocated(self, device: torch.device) -> tuple[int, int]:
         return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+
+    def record_event(self) -> DeviceEvent:
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def graph_pool_handle(self) -> object:
+        return torch.cuda.graph_pool_handle()
+
+    def create_graph(self, pool: object) -> DeviceGraph:
+        return CudaGraph(pool)

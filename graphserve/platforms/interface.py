@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -53,6 +55,8 @@ class Platform(ABC):
     dispatch_key: str  # torch.library dispatch key for this platform's kernels
     dist_backend: str  # torch.distributed backend
     capabilities: PlatformCapabilities
+    # The attention backend used unless --attention-backend names another (graphserve/attention/backends/registry).
+    default_attention_backend: str = "PAGED_ATTN"
 
     def device(self, index: int = 0) -> torch.device:
         """The torch device for local rank `index`."""
@@ -109,3 +113,33 @@ class Platform(ABC):
 
     def is_cpu(self) -> bool:
         return self.device_type == "cpu"
+
+    # Streams, events and graphs: what async scheduling and CUDA/HIP graphs need, named only here.
+    def record_event(self) -> DeviceEvent | None:
+        """An event recorded on the current stream (None where work runs synchronously, as on the CPU)."""
+        return None
+
+    def graph_pool_handle(self) -> object:
+        """A memory pool that graphs captured with it share (None where there are no graphs)."""
+        return None
+
+    def create_graph(self, pool: object) -> DeviceGraph:
+        """An empty device graph that captures into `pool`."""
+        raise NotImplementedError(f"the {self.name.value} platform has no graph capture")
+
+
+class DeviceEvent(Protocol):
+    """A point in a device stream the host can wait for."""
+
+    def synchronize(self) -> None:
+        """Block until the work queued before the event has finished."""
+
+
+class DeviceGraph(Protocol):
+    """A captured sequence of device work (CUDA/HIP graph)."""
+
+    def capture(self, fn: Callable[[], None]) -> None:
+        """Record `fn`'s kernels and the buffers they touch."""
+
+    def replay(self) -> None:
+        """Re-launch the recorded work."""

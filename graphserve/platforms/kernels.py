@@ -28,8 +28,7 @@ class KernelChoice:
 
 
 def _load_all_ops() -> dict:
-    """Import every op family (the attention layer defines `unified_attention`) and return the registry."""
-    import graphserve.layers.attention  # noqa: F401  (registers unified_attention)
+    """Import every op family and return the registry."""
     import graphserve.ops  # noqa: F401  (registers the op families)
     from graphserve.ops._register import registered_ops
 
@@ -55,17 +54,9 @@ def resolve_kernel_choices(dispatch_key: str, device_kernels: dict[str, str]) ->
             impls[name] = device_kernels.get(name) or _origin(op.kernels[dispatch_key])
         else:
             impls[name] = "torch"
-    choices: dict[str, KernelChoice] = {}
-    # Graph safety is declared at registration: a reference that syncs with the host says so, and a routing op
-    # (`calls`) is safe exactly when what it calls is.
-    for name in sorted(impls):
-        if not ops[name].calls:
-            choices[name] = KernelChoice(impls[name], impls[name] != "torch" or ops[name].reference_graph_safe)
-    for name, op in ops.items():
-        if op.calls:
-            safe = all(choices[c].graph_safe for c in op.calls if c in choices)
-            choices[name] = KernelChoice(impls[name], safe)
-    return dict(sorted(choices.items()))
+    # Graph safety is declared at registration: a reference that syncs with the host says so.
+    return {name: KernelChoice(impls[name], impls[name] != "torch" or ops[name].reference_graph_safe)
+            for name in sorted(impls)}
 
 
 def register_triton_kernels_once(dispatch_key: str) -> dict[str, str]:

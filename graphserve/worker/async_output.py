@@ -14,16 +14,17 @@ import torch
 from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput
 
 if TYPE_CHECKING:
-    from graphserve.layers.sampler import SamplerOutput
+    from graphserve.platforms.interface import Platform
+    from graphserve.sample.sampler import SamplerOutput
     from graphserve.worker.input_batch import CachedRequestState
 
 
-def _to_host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Queue a device→host copy into pinned memory (the tensor itself on the CPU)."""
+def _to_host(tensor: Optional[torch.Tensor], pin_memory: bool) -> Optional[torch.Tensor]:
+    """Queue a device→host copy, into pinned memory where the platform pins (the tensor itself on the CPU)."""
     if tensor is None or tensor.device.type == "cpu":
         return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin_memory)
+    host.copy_(tensor, non_blocking=pin_memory)
     return host
 
 
@@ -36,6 +37,7 @@ class AsyncModelRunnerOutput:
         states: list["CachedRequestState"],  # every scheduled request, in output order
         sampling_req_indices: list[int],  # which of them sample (row r of the sampler = states[indices[r]])
         sampler_output: Optional["SamplerOutput"],
+        platform: Optional["Platform"] = None,  # records the event that marks the copies' end (None: ready)
     ) -> None:
         self._output = output
         self._states = states
@@ -47,13 +49,11 @@ class AsyncModelRunnerOutput:
         if sampler_output is None:
             return
         self.sampled_token_ids = sampler_output.sampled_token_ids
-        self._host = [_to_host(t) for t in (sampler_output.sampled_token_ids, sampler_output.sampled_logprobs,
-                                            sampler_output.topk_token_ids, sampler_output.topk_logprobs,
-                                            sampler_output.sampled_ranks)]
-        self._event = None
-        if sampler_output.sampled_token_ids.device.type == "cuda":
-            self._event = torch.cuda.Event()
-            self._event.record()
+        pin_memory = platform is not None and platform.capabilities.supports_pin_memory
+        self._host = [_to_host(t, pin_memory) for t in (
+            sampler_output.sampled_token_ids, sampler_output.sampled_logprobs, sampler_output.topk_token_ids,
+            sampler_output.topk_logprobs, sampler_output.sampled_ranks)]
+        self._event = platform.record_event() if platform is not None else None
 
     @classmethod
     def ready(cls, output: ModelRunnerOutput) -> "AsyncModelRunnerOutput":

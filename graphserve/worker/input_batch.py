@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphserve.worker.sampling_metadata import SamplingRequestState, needs_output_token_ids
+from graphserve.attention.backends.base import AttentionInputs
+from graphserve.sample.metadata import SamplingRequestState, needs_output_token_ids
 
 if TYPE_CHECKING:
     from graphserve.sampling_params import SamplingParams
@@ -54,17 +55,13 @@ class CachedRequestState:
 
 
 @dataclass
-class BatchInputs:
-    """Host-side (numpy) inputs of one step, in scheduling order."""
+class BatchInputs(AttentionInputs):
+    """Host-side (numpy) inputs of one step, in scheduling order: the attention layout plus the model's inputs."""
 
     req_ids: list[str]
     input_ids: np.ndarray  # [num_tokens] int64
     positions: np.ndarray  # [num_tokens] int64
-    slot_mapping: np.ndarray  # [num_tokens] int64
     query_lens: np.ndarray  # [num_reqs] int32
-    seq_lens: np.ndarray  # [num_reqs] int32, context length after this step
-    query_start_loc: np.ndarray  # [num_reqs + 1] int32
-    block_table: np.ndarray  # [num_reqs, max_blocks] int32
     sampling_req_indices: list[int]  # requests whose last scheduled token completes their known tokens
     logits_indices: np.ndarray  # [num_sampling] int64, flat token index of each sampling request's last token
     # Inputs still on the device (async scheduling): flat token index ← row of the previous step's sampled ids.

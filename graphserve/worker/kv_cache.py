@@ -1,25 +1,28 @@
-"""KV cache sizing and allocation: one (key_cache, value_cache) pair per attention layer."""
+"""KV cache sizing and allocation: one tensor per attention layer, in the attention backend's shape."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from graphserve.attention.backends.base import AttentionBackend
 from graphserve.config import CacheConfig, ModelConfig, SchedulerConfig
 
 
-def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(
+    model_config: ModelConfig, block_size: int, dtype: torch.dtype, attn_backend: type[AttentionBackend]
+) -> int:
     """Bytes one block occupies across all layers, K and V."""
+    shape = attn_backend.get_kv_cache_shape(1, block_size, model_config.num_key_value_heads, model_config.head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
-    per_token = 2 * model_config.num_key_value_heads * model_config.head_dim * elem
-    return per_token * block_size * model_config.num_hidden_layers
+    return math.prod(shape) * elem * model_config.num_hidden_layers
 
 
 def determine_num_blocks(
     model_config: ModelConfig,
     cache_config: CacheConfig,
     scheduler_config: SchedulerConfig,
-    dtype: torch.dtype,
+    block_bytes: int,
     available_bytes: int,
 ) -> int:
     """How many blocks the pool gets: the explicit budget, else what the platform offers.
@@ -29,7 +32,6 @@ def determine_num_blocks(
     """
     if cache_config.num_blocks is not None:
         return cache_config.num_blocks
-    block_bytes = kv_cache_bytes_per_block(model_config, cache_config.block_size, dtype)
     budget = cache_config.kv_cache_memory if cache_config.kv_cache_memory is not None else available_bytes
     num_blocks = budget // block_bytes
     blocks_per_seq = math.ceil(scheduler_config.max_model_len / cache_config.block_size)
@@ -44,11 +46,14 @@ def determine_num_blocks(
 
 
 def allocate_kv_caches(
-    model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: key and value caches of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
-    shape = (num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(model_config.num_hidden_layers)
-    ]
+    model_config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_backend: type[AttentionBackend],
+) -> list[torch.Tensor]:
+    """Per layer: one zeroed tensor of the backend's KV cache shape."""
+    shape = attn_backend.get_kv_cache_shape(num_blocks, block_size, model_config.num_key_value_heads,
+                                            model_config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)]

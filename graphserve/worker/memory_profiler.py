@@ -16,7 +16,7 @@ import torch
 
 from graphserve.attention.forward_context import set_forward_context
 from graphserve.sampling_params import SamplingParams
-from graphserve.worker.sampling_metadata import SamplingRequestState, build_sampling_metadata
+from graphserve.sample.metadata import SamplingRequestState, build_sampling_metadata
 
 logger = logging.getLogger(__name__)
 _GIB = float(1 << 30)
@@ -60,6 +60,7 @@ def dummy_sampler_run(
     hidden_states: torch.Tensor,  # [>= num_reqs, hidden_size]
     num_reqs: int,
     device: torch.device,
+    pin_memory: bool = False,
 ) -> None:
     """LM head and sampler on `num_reqs` rows with the costliest settings (top-k, top-p, penalties, logprobs)."""
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1,
@@ -68,7 +69,7 @@ def dummy_sampler_run(
     logits = model.compute_logits(hidden_states[:num_reqs])
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
-    sampler(logits, build_sampling_metadata(states, logits.shape[-1], device, generator))
+    sampler(logits, build_sampling_metadata(states, logits.shape[-1], device, generator, pin_memory))
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:

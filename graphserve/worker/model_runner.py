@@ -5,37 +5,43 @@ import logging
 
 import torch
 
-from graphserve.attention.backends.base import AttentionMetadataBuilder
+from graphserve.attention.backends.registry import select_attn_backend
 from graphserve.attention.forward_context import set_forward_context
+from graphserve.buffers import StagedBuffer
 from graphserve.compile.cuda_graph import create_graph_runner
 from graphserve.compile.wrapper import create_forward_fn
 from graphserve.config import CompilationLevel, EngineConfig
 from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from graphserve.layers.sampler import Sampler, SamplerOutput, compute_topk_logprobs
+from graphserve.layers.attention import bind_attention_backend
 from graphserve.models.loader import get_model
-from graphserve.platforms import resolve_platform
+from graphserve.platforms import get_platform
+from graphserve.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_topk_logprobs
 from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
-from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks
+from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks, kv_cache_bytes_per_block
 from graphserve.worker.memory_profiler import (
     dummy_forward,
     dummy_sampler_run,
     model_weight_bytes,
     profile_kv_cache_memory,
 )
-from graphserve.worker.sampling_metadata import build_sampling_metadata
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model, the KV caches and the per-request state; turns SchedulerOutput into ModelRunnerOutput."""
+    """Owns the model, the KV caches and the per-request state; turns SchedulerOutput into ModelRunnerOutput.
+
+    One input path: `InputBatch` (host arrays) → the model inputs' persistent buffers and the attention
+    backend's metadata → a graph replay (decode steps that fit a bucket) or the compiled / eager forward.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.platform = resolve_platform(config.device_config.device)
+        self.platform = get_platform(config.device_config.platform)
         self.device = self.platform.device()
+        self.pin_memory = self.platform.capabilities.supports_pin_memory
         self.dtype = getattr(torch, self.model_config.dtype)
         self.block_size = config.cache_config.block_size
         sched = config.scheduler_config
@@ -43,7 +49,6 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.input_batch = InputBatch(self.block_size, max_num_reqs=sched.max_num_seqs,
                                       max_blocks_per_req=-(-sched.max_model_len // self.block_size))
-        self.metadata_builder = AttentionMetadataBuilder(self.block_size)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.model_config.seed)
@@ -51,25 +56,36 @@ class ModelRunner:
         self._last_output: AsyncModelRunnerOutput | None = None
         # Registers the platform's device kernels (Triton on CUDA/ROCm) before anything runs the model.
         self.kernel_choices = self.platform.kernel_choices()
+        self.attn_backend = select_attn_backend(self.platform, config.device_config.attention_backend)
+        self.attn_backend.validate(self.model_config.head_dim, self.dtype)
         self.model = get_model(self.model_config, self.device)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        bind_attention_backend(self.model, self.attn_backend)
+        # A decode step holds up to max_num_seqs tokens, a mixed step up to max_num_batched_tokens.
+        max_tokens = max(self.max_num_tokens, sched.max_num_seqs)
+        self.attn_metadata_builder = self.attn_backend.get_builder_cls()(
+            self.block_size, sched.max_num_seqs, max_tokens, sched.max_model_len, self.device, self.pin_memory)
+        self.input_ids = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
+        self.positions = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
+        self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.compilation_config = config.compilation_config
         self.forward_fn = create_forward_fn(self.model, self.compilation_config)
         self.graph_runner = create_graph_runner(
-            self.compilation_config, self.platform, self.kernel_choices, self.forward_fn,
-            max_model_len=sched.max_model_len, block_size=self.block_size,
+            self.compilation_config, self.platform, self.kernel_choices, self.attn_backend,
             hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
         )
 
     def initialize_kv_cache(self) -> int:
         """Size and allocate the KV pool from the memory budget; returns the number of blocks."""
         cc = self.config.cache_config
+        block_bytes = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.attn_backend)
         self.num_blocks = determine_num_blocks(
-            self.model_config, cc, self.config.scheduler_config, self.dtype, self._kv_cache_budget()
+            self.model_config, cc, self.config.scheduler_config, block_bytes, self._kv_cache_budget()
         )
-        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
-        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype,
+                                            self.device, self.attn_backend)
+        logger.info("KV cache: %d blocks of %d tokens (%s attention)", self.num_blocks, self.block_size,
+                    self.attn_backend.name)
         self.compile_or_warm_up_model()
         return self.num_blocks
 
@@ -87,7 +103,7 @@ class ModelRunner:
 
         def max_step() -> None:
             hidden_states = dummy_forward(self.forward_fn, self.max_num_tokens, max_len, self.device)
-            dummy_sampler_run(self.model, self.sampler, hidden_states, num_reqs, self.device)
+            dummy_sampler_run(self.model, self.sampler, hidden_states, num_reqs, self.device, self.pin_memory)
 
         graph_batch = None
         if self.graph_runner is not None:
@@ -102,11 +118,24 @@ class ModelRunner:
         """Compile the forward now rather than on the first request, and capture the decode graphs."""
         if self.graph_runner is not None:
             free_before, _ = self.platform.mem_get_info(self.device)
-            self.graph_runner.capture(self.kv_caches)
+            self.graph_runner.capture(self._graph_step)
+            self.platform.synchronize(self.device)
             free_after, _ = self.platform.mem_get_info(self.device)
             logger.info("decode graphs hold %.2f GiB", (free_before - free_after) / (1 << 30))
         elif self.compilation_config.level != CompilationLevel.NO_COMPILATION:
             dummy_forward(self.forward_fn, 2, self.config.scheduler_config.max_model_len, self.device)
+
+    def _graph_step(self, size: int):
+        """The forward a decode graph of `size` rows captures: static inputs, the backend's capture metadata."""
+        attn_metadata = self.attn_metadata_builder.build_for_capture(size)
+        input_ids, positions = self.input_ids.device[:size], self.positions.device[:size]
+        kv_caches, forward_fn = self.kv_caches, self.forward_fn
+
+        def step() -> torch.Tensor:  # [size, hidden_size]
+            with set_forward_context(attn_metadata, kv_caches):
+                return forward_fn(input_ids, positions)
+
+        return step
 
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the scheduler's changes: drop finished/preempted requests, add new ones, extend block tables."""
@@ -158,32 +187,31 @@ class ModelRunner:
         self._compute_prompt_logprobs(states, batch, hidden_states, output)
         for st, n in zip(states, num_scheduled):
             st.num_computed_tokens += n
-        result = self._last_output = AsyncModelRunnerOutput(output, states, batch.sampling_req_indices, sampler_output)
+        result = self._last_output = AsyncModelRunnerOutput(output, states, batch.sampling_req_indices,
+                                                            sampler_output, self.platform)
         return result
 
     def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None) -> torch.Tensor:
         """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
-        prev_tokens = None
+        num_reqs, num_tokens = batch.num_reqs, batch.num_tokens
+        graph_size = self.graph_runner.padded_size(num_reqs, num_tokens) if self.graph_runner is not None else None
+        num_input = graph_size or num_tokens
+        self.input_ids.np[:num_tokens] = batch.input_ids
+        self.positions.np[:num_tokens] = batch.positions
+        if graph_size is not None:  # padded rows: token 0 at position 0
+            self.input_ids.np[num_tokens:graph_size] = 0
+            self.positions.np[num_tokens:graph_size] = 0
+        input_ids = self.input_ids.upload(num_input)
+        positions = self.positions.upload(num_input)
         if len(batch.prev_token_indices):
             # Decode inputs sampled by the step still in flight: gathered on the device, never via the host.
             rows = torch.from_numpy(batch.prev_token_rows).to(self.device, non_blocking=True)
-            prev_tokens = (torch.from_numpy(batch.prev_token_indices).to(self.device, non_blocking=True),
-                           last_sampled.index_select(0, rows))
-        graphs = self.graph_runner
-        if graphs is not None and graphs.can_run(len(batch.req_ids), batch.input_ids.shape[0]):
-            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table,
-                              prev_tokens)
-        attn_metadata = self.metadata_builder.build(
-            query_lens=batch.query_lens,
-            seq_lens=batch.seq_lens,
-            block_tables=batch.block_table,
-            slot_mapping=batch.slot_mapping,
-            device=self.device,
-        )
-        input_ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
-        if prev_tokens is not None:
-            input_ids.index_copy_(0, *prev_tokens)
-        positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
+            indices = torch.from_numpy(batch.prev_token_indices).to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, indices, last_sampled.index_select(0, rows))
+        if graph_size is not None:
+            self.attn_metadata_builder.prepare_for_replay(batch, graph_size)
+            return self.graph_runner.replay(graph_size)[:num_reqs]
+        attn_metadata = self.attn_metadata_builder.build(batch)
         with set_forward_context(attn_metadata, self.kv_caches):
             return self.forward_fn(input_ids, positions)
 
@@ -202,7 +230,7 @@ class ModelRunner:
             sample_hidden_states = hidden_states.index_select(0, indices)
         logits = self.model.compute_logits(sample_hidden_states)
         metadata = build_sampling_metadata(
-            [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator
+            [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator, self.pin_memory
         )
         return self.sampler(logits, metadata)
 

@@ -207,7 +207,7 @@ def input_prepare(num_requests: int = NUM_DECODE_REQUESTS, calls_per_round: int 
 def sampling_metadata(num_requests: int = NUM_DECODE_REQUESTS, vocab_size: int = 32000,
                       calls_per_round: int = 4) -> HotPath:
     """`build_sampling_metadata` for `num_requests` decode requests with mixed sampling settings."""
-    from graphserve.worker.sampling_metadata import build_sampling_metadata
+    from graphserve.sample.metadata import build_sampling_metadata
 
     reqs = [st.sampling for st in _decode_states(num_requests)]
     generator = torch.Generator().manual_seed(0)
@@ -223,8 +223,8 @@ def sampling_metadata(num_requests: int = NUM_DECODE_REQUESTS, vocab_size: int =
 
 def sampler(num_rows: int = 64, vocab_size: int = 1024) -> HotPath:
     """`Sampler` on [num_rows, vocab_size] float32 logits with mixed greedy / top-p / top-k rows."""
-    from graphserve.layers.sampler import Sampler
-    from graphserve.worker.sampling_metadata import build_sampling_metadata
+    from graphserve.sample.sampler import Sampler
+    from graphserve.sample.metadata import build_sampling_metadata
 
     reqs = [st.sampling for st in _decode_states(num_rows)]
     metadata = build_sampling_metadata(reqs, vocab_size, "cpu", torch.Generator().manual_seed(0))

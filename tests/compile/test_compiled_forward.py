@@ -76,24 +76,29 @@ def test_enforce_eager_compiles_nothing(tiny_model):
 
 def test_graph_runner_reuses_the_compiled_graph(engines):
     """Capturing every bucket over the runner's static buffers hits the graph compiled at start-up."""
-    import numpy as np
-
+    from graphserve.attention.forward_context import set_forward_context
     from graphserve.compile.cuda_graph import CUDAGraphRunner, RerunGraph
+    from tests.attention.attention_testutils import attention_inputs
 
     _, compiled, _ = engines
-    runner = compiled.llm_engine.engine_core.model_runner
-    graph_runner = CUDAGraphRunner(runner.forward_fn, (1, 2, 4), runner.config.scheduler_config.max_model_len,
-                                   runner.block_size, runner.model_config.hidden_size, runner.dtype, runner.device,
-                                   graph_cls=RerunGraph)
-    kv_caches = [(k.clone(), v.clone()) for k, v in runner.kv_caches]  # leave the engine's pool untouched
+    runner = compiled.llm_engine.engine_core.model_executor.model_runner
+    graph_runner = CUDAGraphRunner((1, 2, 4), runner.model_config.hidden_size, runner.dtype, runner.device,
+                                   create_graph=RerunGraph)
+    kv_caches = runner.kv_caches
+    runner.kv_caches = [kv.clone() for kv in kv_caches]  # leave the engine's pool untouched
+    batch = attention_inputs([1, 1, 1], [1, 1, 1], [[1], [2], [3]], runner.block_size)  # three one-token sequences
     before = compilation_counter.snapshot()
-    graph_runner.capture(kv_caches)
-    hidden = graph_runner.run(np.array([7, 8, 9]), np.array([0, 0, 0]), np.array([16, 32, 48]),
-                              np.ones(3, dtype=np.int32), np.array([[1], [2], [3]], dtype=np.int32))
+    with torch.inference_mode():
+        graph_runner.capture(runner._graph_step)
+        runner.input_ids.np[:4] = [7, 8, 9, 0]
+        runner.positions.np[:4] = 0
+        runner.input_ids.upload(4)
+        runner.positions.upload(4)
+        runner.attn_metadata_builder.prepare_for_replay(batch, 4)
+        hidden = graph_runner.replay(4)[:3].clone()
+    runner.kv_caches = kv_caches
     assert compilation_counter.since(before)["num_graphs_compiled"] == 0
-    from graphserve.attention.forward_context import set_forward_context
-
-    md = runner.metadata_builder.build([1, 1, 1], [1, 1, 1], [[1], [2], [3]])  # three one-token sequences
-    with torch.inference_mode(), set_forward_context(md, [(k.clone(), v.clone()) for k, v in runner.kv_caches]):
+    md = runner.attn_metadata_builder.build(batch)
+    with torch.inference_mode(), set_forward_context(md, [kv.clone() for kv in runner.kv_caches]):
         eager = runner.model.forward(torch.tensor([7, 8, 9]), torch.tensor([0, 0, 0]))
     torch.testing.assert_close(hidden, eager, rtol=1e-5, atol=1e-5)

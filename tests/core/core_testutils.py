@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from graphserve.config import CacheConfig, SchedulerConfig
+from graphserve.core.async_scheduler import create_scheduler
 from graphserve.core.kv_cache_manager import cdiv
 from graphserve.core.kv_cache_utils import hash_block_tokens
 from graphserve.core.request import Request, RequestStatus
@@ -53,18 +54,20 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     enable_chunked_prefill: bool = True,
     enable_prefix_caching: bool = True,
+    async_scheduling: bool = False,
 ) -> Scheduler:
-    """A scheduler over a small pool."""
+    """A scheduler over a small pool (the AsyncScheduler with `async_scheduling`)."""
     scheduler_config = SchedulerConfig(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_chunked_prefill=enable_chunked_prefill,
+        async_scheduling=async_scheduling,
     )
     cache_config = CacheConfig(
         block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
     )
-    return Scheduler(scheduler_config, cache_config)
+    return create_scheduler(scheduler_config, cache_config)
 
 
 def next_token(token_ids: list[int]) -> int:
@@ -208,7 +211,8 @@ def check_invariants(scheduler: Scheduler, runner: Optional[FakeRunner] = None) 
     assert set(kv.req_to_blocks) <= set(running_ids)
     for request in scheduler.running:
         assert request.status == RequestStatus.RUNNING
-        assert request.num_computed_tokens <= request.num_tokens
+        # Scheduled tokens count as computed; with a step in flight they may include the token it samples.
+        assert request.num_computed_tokens <= request.num_tokens + request.num_output_placeholders
         assert len(kv.get_blocks(request.request_id)) >= cdiv(request.num_computed_tokens, scheduler.block_size)
     for request in scheduler.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)

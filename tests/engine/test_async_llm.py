@@ -155,7 +155,7 @@ def test_engine_failure_fails_streams_and_health(model_dir):
         def broken(scheduler_output):
             raise RuntimeError("injected fault")
 
-        engine.engine_core.core.model_runner.execute_model = broken
+        engine.engine_core.core.model_executor.execute_model = broken
 
         async def main():
             stream = engine.add_request("doomed", "Hello", _params())

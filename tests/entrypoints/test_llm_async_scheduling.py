@@ -195,7 +195,7 @@ def test_request_id_reused_while_its_aborted_step_is_in_flight(sync_llm, async_l
     engine.add_request("dup", {"prompt_token_ids": old_prompt}, params)
     for _ in range(3):
         engine.step()
-    assert "dup" in engine.engine_core._inflight[0].num_scheduled_tokens
+    assert "dup" in engine.engine_core.batch_queue[0][0].num_scheduled_tokens
     engine.abort_request("dup")
     engine.add_request("dup", {"prompt_token_ids": new_prompt}, params)  # the old one's step is still in flight
     finished = None

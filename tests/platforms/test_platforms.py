@@ -39,9 +39,10 @@ def test_cpu_kernel_choices_are_the_torch_references():
     families = ("paged_attention", "reshape_and_cache", "rms_norm", "fused_add_rms_norm", "rotary_embedding",
                 "silu_and_mul", "unified_attention")
     assert {choices[name].impl for name in families} == {"torch"}
-    # The reference attention syncs with the host, so it (and the op routing to it) cannot be captured.
-    assert not choices["paged_attention"].graph_safe and not choices["unified_attention"].graph_safe
+    # The reference attention syncs with the host, so it cannot be captured (and the backend using it neither).
+    assert not choices["paged_attention"].graph_safe and not choices["reshape_and_cache"].graph_safe
     assert choices["rms_norm"].graph_safe
+    assert choices["unified_attention"].graph_safe  # a router: as capturable as the backend it routes to
 
 
 def test_device_kernels_change_the_choice(monkeypatch):
@@ -52,7 +53,9 @@ def test_device_kernels_change_the_choice(monkeypatch):
     monkeypatch.setitem(registered_ops()["reshape_and_cache"].kernels, "FakeKey", object())
     choices = kernels.resolve_kernel_choices("FakeKey", {"paged_attention": "triton", "reshape_and_cache": "triton"})
     assert str(choices["paged_attention"]) == "triton (graph-safe)"
-    assert choices["unified_attention"].graph_safe  # everything it routes to is graph-safe now
+    from graphserve.attention.backends.paged import PagedAttentionBackend
+
+    assert PagedAttentionBackend.graph_blockers(choices) == []  # everything it runs is graph-safe now
     assert choices["rms_norm"].impl == "torch"
     # A kernel the platform did not name is labelled by where its code lives.
     monkeypatch.setitem(registered_ops()["rms_norm"].kernels, "FakeKey", test_device_kernels_change_the_choice)

@@ -61,12 +61,12 @@ def test_dummy_runs_touch_no_kv_cache(tiny_model):
 
     path, _ = tiny_model("llama")
     llm = LLM(path, dtype="float32", max_num_batched_tokens=64, enforce_eager=True)
-    runner = llm.llm_engine.engine_core.model_runner
-    kv_before = [k.clone() for k, _ in runner.kv_caches]
+    runner = llm.llm_engine.engine_core.model_executor.model_runner
+    kv_before = [kv.clone() for kv in runner.kv_caches]
     with torch.inference_mode():
         hidden = dummy_forward(runner.forward_fn, 300, 256, runner.device)  # more tokens than positions: wraps
         dummy_sampler_run(runner.model, runner.sampler, hidden, 8, runner.device)
     assert hidden.shape == (300, runner.model_config.hidden_size) and torch.isfinite(hidden).all()
-    assert all(torch.equal(k0, k) for k0, (k, _) in zip(kv_before, runner.kv_caches))
+    assert all(torch.equal(kv0, kv) for kv0, kv in zip(kv_before, runner.kv_caches))
     tensors = {id(t): t for t in list(runner.model.parameters()) + list(runner.model.buffers())}  # tied once
     assert model_weight_bytes(runner.model) == sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,27 +1,56 @@
-"""Attention backend interface: static capabilities, a metadata builder and an impl (vLLM V1 split)."""
+"""The attention backend interface (vLLM V1's split): a backend class, a metadata builder, an impl.
+
+- `AttentionBackend` says what it supports, the shape of one layer's KV cache, and whether its decode steps can
+  be replayed from CUDA/HIP graphs; the platform picks one by name (`registry.py`).
+- `AttentionMetadataBuilder` turns the step's `AttentionInputs` (host-side, built once by the runner's
+  `InputBatch`) into the device metadata its impl reads. It owns persistent device buffers, so that graphs
+  captured over them (`build_for_capture`) replay any later batch written into them (`prepare_for_replay`).
+- `AttentionImpl` runs one layer: write this step's K/V into the cache, attend over it.
+"""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-# What a model runner naturally holds: Python lists, numpy slices of its persistent buffers, or tensors.
-IntArray = Union[Sequence[int], np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    from graphserve.platforms.kernels import KernelChoice
+
 PAD_SLOT_ID = -1
 
 
 @dataclass
+class AttentionInputs:
+    """Host-side (numpy) layout of one step's batch, in scheduling order; every backend builds from it."""
+
+    query_start_loc: np.ndarray  # [num_reqs + 1] int32, cu_seqlens_q
+    seq_lens: np.ndarray  # [num_reqs] int32, context length including this step's tokens
+    block_table: np.ndarray  # [num_reqs, width] int32, each row's block ids (padded with 0)
+    slot_mapping: np.ndarray  # [num_tokens] int64, cache slot of each new token
+
+    @property
+    def num_reqs(self) -> int:
+        """Sequences in the batch."""
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """New tokens in the batch (the flat token dimension)."""
+        return self.slot_mapping.shape[0]
+
+
+@dataclass
 class AttentionMetadata:
-    """Per-step batch layout shared by every attention layer (built once per step, read through the forward context)."""
+    """Device-side batch layout shared by every attention layer of one forward (read through the forward context)."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write (padding)
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cu_seqlens_q
     seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
-    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     max_query_len: int
     max_seq_len: int
     num_actual_tokens: int  # tokens before graph padding; equals query_start_loc[-1]
@@ -32,104 +61,41 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
-def _as_int_tensor(x: IntArray, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh CPU tensor (never a view of the runner's reusable numpy buffers)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device="cpu", dtype=dtype, copy=True)
-    return torch.tensor(np.asarray(x), dtype=dtype)
+class AttentionMetadataBuilder(ABC):
+    """Builds a backend's per-step metadata from `AttentionInputs`, into buffers it owns."""
 
-
-def _pad_block_tables(block_tables: IntArray | Sequence[Sequence[int]], width: int | None) -> torch.Tensor:
-    """[num_seqs, max_blocks] int32 from a ragged list of block id lists or from a 2-D array."""
-    if isinstance(block_tables, (torch.Tensor, np.ndarray)):
-        table = _as_int_tensor(block_tables, torch.int32)
-        if table.dim() != 2:
-            raise ValueError(f"block_tables must be 2-D, got shape {tuple(table.shape)}")
-    else:
-        rows = [list(r) for r in block_tables]
-        table = torch.zeros(len(rows), max((len(r) for r in rows), default=0), dtype=torch.int32)
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
-    if width is not None:
-        if table.shape[1] > width:
-            raise ValueError(f"a block table has {table.shape[1]} blocks, more than max_num_blocks_per_seq={width}")
-        table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
-    return table
-
-
-class AttentionMetadataBuilder:
-    """Builds `AttentionMetadata` from the runner's host-side batch description."""
-
-    def __init__(self, block_size: int, max_num_blocks_per_seq: int | None = None) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        max_num_reqs: int,
+        max_num_tokens: int,
+        max_model_len: int,
+        device: torch.device,
+        pin_memory: bool,
+    ) -> None:
         self.block_size = block_size
-        # A fixed block-table width gives graph-capturable, static shapes.
-        self.max_num_blocks_per_seq = max_num_blocks_per_seq
+        self.max_num_reqs = max_num_reqs
+        self.max_num_tokens = max_num_tokens
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.device = device
+        self.pin_memory = pin_memory
 
-    def build(
-        self,
-        query_lens: IntArray,  # [num_seqs] tokens scheduled this step per sequence
-        seq_lens: IntArray,  # [num_seqs] context length after this step
-        block_tables: IntArray | Sequence[Sequence[int]],  # ragged lists or [num_seqs, max_blocks]
-        slot_mapping: IntArray | None = None,  # [num_tokens] int64; None = derive from block tables
-        device: torch.device | str = "cpu",
-        num_tokens: int | None = None,  # pad the token dimension to this size with slot -1 (graph buckets)
-    ) -> AttentionMetadata:
-        """Validate the batch and move it to `device` as the tensors the attention ops read."""
-        q_lens = _as_int_tensor(query_lens, torch.int64)
-        s_lens = _as_int_tensor(seq_lens, torch.int64)
-        table = _pad_block_tables(block_tables, self.max_num_blocks_per_seq)
-        num_seqs = q_lens.shape[0]
-        if s_lens.shape[0] != num_seqs or table.shape[0] != num_seqs:
-            raise ValueError(
-                f"query_lens, seq_lens and block_tables disagree on the number of sequences: "
-                f"{num_seqs}, {s_lens.shape[0]}, {table.shape[0]}"
-            )
-        if bool((q_lens < 0).any()) or bool((s_lens < q_lens).any()):
-            raise ValueError("every sequence needs 0 <= query_len <= seq_len")
-        if bool((s_lens > table.shape[1] * self.block_size).any()):
-            raise ValueError(f"a seq_len exceeds its block table ({table.shape[1]} blocks of {self.block_size})")
-        num_actual = int(q_lens.sum())
-        if slot_mapping is None:
-            slots = self._compute_slot_mapping(q_lens, s_lens, table)
-        else:
-            slots = _as_int_tensor(slot_mapping, torch.int64)
-            if slots.shape[0] != num_actual:
-                raise ValueError(f"slot_mapping has {slots.shape[0]} entries for {num_actual} scheduled tokens")
-        if num_tokens is not None:
-            if num_tokens < num_actual:
-                raise ValueError(f"num_tokens={num_tokens} is smaller than the {num_actual} scheduled tokens")
-            slots = torch.nn.functional.pad(slots, (0, num_tokens - num_actual), value=PAD_SLOT_ID)
-        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.cumsum(q_lens, 0)
-        # Non-blocking: a blocking copy would wait for every kernel queued before it (with async scheduling,
-        # the whole previous step). The sources are fresh host tensors, staged by the copy before it returns.
-        return AttentionMetadata(
-            slot_mapping=slots.to(device, non_blocking=True),
-            query_start_loc=query_start_loc.to(device, non_blocking=True),
-            seq_lens=s_lens.to(torch.int32).to(device, non_blocking=True),
-            block_table=table.to(device, non_blocking=True),
-            max_query_len=int(q_lens.max()) if num_seqs else 0,
-            max_seq_len=int(s_lens.max()) if num_seqs else 0,
-            num_actual_tokens=num_actual,
-        )
+    @abstractmethod
+    def build(self, inputs: AttentionInputs) -> AttentionMetadata:
+        """This step's metadata, on the device (eager or compiled forward)."""
 
-    def _compute_slot_mapping(
-        self,
-        query_lens: torch.Tensor,  # [num_seqs] int64
-        seq_lens: torch.Tensor,  # [num_seqs] int64
-        block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
-    ) -> torch.Tensor:  # [num_tokens] int64
-        """slot = block_table[seq][pos // block_size] * block_size + pos % block_size for each new token."""
-        seq_idx = torch.repeat_interleave(torch.arange(query_lens.shape[0]), query_lens)
-        first_token = torch.cumsum(query_lens, 0) - query_lens
-        first_pos = seq_lens - query_lens
-        positions = torch.arange(seq_idx.shape[0]) - first_token[seq_idx] + first_pos[seq_idx]
-        blocks = block_table[seq_idx, positions // self.block_size].long()
-        return blocks * self.block_size + positions % self.block_size
+    def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
+        """Metadata of a decode graph of `num_reqs` rows: views of the persistent buffers, static bounds."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be captured in CUDA/HIP graphs")
+
+    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
+        """Write a decode batch into the buffers `build_for_capture` handed out, padded to `num_padded_reqs` rows."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be captured in CUDA/HIP graphs")
 
 
 class AttentionImpl(ABC):
-    """Runs one layer's attention for a batch described by `AttentionMetadata`."""
+    """Runs one layer's attention for a batch described by its backend's metadata."""
 
     def __init__(
         self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, sliding_window: int | None = None
@@ -148,7 +114,7 @@ class AttentionImpl(ABC):
         query: torch.Tensor,  # [num_tokens, num_heads, head_size]
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,  # each [num_blocks, block_size, num_kv_heads, head_size]
+        kv_cache: torch.Tensor | None,  # this layer's cache, in the backend's get_kv_cache_shape
         attn_metadata: AttentionMetadata | None,
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
     ) -> None:
@@ -156,12 +122,14 @@ class AttentionImpl(ABC):
 
 
 class AttentionBackend(ABC):
-    """Static description of an attention implementation; selected per platform by the registry."""
+    """Static description of an attention implementation, selected by name (`registry.py`)."""
 
     name: ClassVar[str]
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None  # None = any
     supports_cuda_graphs: ClassVar[bool] = False
+    # The ops its impl calls: decode graphs need every one of them graph-safe on the platform.
+    ops: ClassVar[tuple[str, ...]] = ()
 
     @staticmethod
     @abstractmethod
@@ -169,14 +137,14 @@ class AttentionBackend(ABC):
         """The class that runs attention for one layer."""
 
     @staticmethod
-    def get_metadata_builder_cls() -> type[AttentionMetadataBuilder]:
-        """The class that turns the runner's batch into this backend's metadata."""
-        return AttentionMetadataBuilder
+    @abstractmethod
+    def get_builder_cls() -> type[AttentionMetadataBuilder]:
+        """The class that turns a step's `AttentionInputs` into this backend's metadata."""
 
     @staticmethod
+    @abstractmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        """Shape of one layer's key cache (the value cache has the same shape)."""
-        return (num_blocks, block_size, num_kv_heads, head_size)
+        """Shape of one layer's KV cache tensor (keys and values together)."""
 
     @classmethod
     def validate(cls, head_size: int, dtype: torch.dtype) -> None:
@@ -187,3 +155,11 @@ class AttentionBackend(ABC):
             raise ValueError(
                 f"attention backend {cls.name} supports head sizes {cls.supported_head_sizes}, got {head_size}"
             )
+
+    @classmethod
+    def graph_blockers(cls, kernel_choices: dict[str, "KernelChoice"]) -> list[str]:
+        """Why decode graphs cannot capture this backend here (empty when they can)."""
+        if not cls.supports_cuda_graphs:
+            return [f"the {cls.name} attention backend"]
+        return [f"{op} ({kernel_choices[op].impl})" for op in cls.ops
+                if op in kernel_choices and not kernel_choices[op].graph_safe]

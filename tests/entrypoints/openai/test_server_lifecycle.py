@@ -56,8 +56,8 @@ def test_503_while_starting_and_draining(tiny_llama_dir):
 def test_engine_failure_fails_requests_and_reports_unhealthy(tiny_llama_dir):
     handle = ServerHandle(server_argv(tiny_llama_dir))
     try:
-        runner = handle.core.model_runner
-        execute_model = runner.execute_model
+        executor = handle.core.model_executor
+        execute_model = executor.execute_model
         fail = threading.Event()
 
         def faulty_execute_model(scheduler_output):
@@ -65,7 +65,7 @@ def test_engine_failure_fails_requests_and_reports_unhealthy(tiny_llama_dir):
                 raise RuntimeError("injected fault")
             return execute_model(scheduler_output)
 
-        runner.execute_model = faulty_execute_model
+        executor.execute_model = faulty_execute_model
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
         events = []
         with httpx.Client(base_url=handle.url, timeout=30) as http:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from graphserve.ops import sampling as sampling_ops
-from graphserve.worker.sampling_metadata import SamplingMetadata
+from graphserve.sample.logprobs import compute_topk_logprobs
+from graphserve.sample.metadata import SamplingMetadata
 
 # q ~ Exp(1) can be exactly 0 on some backends; 0/0 would give NaN, which argmax treats as the maximum.
 _MIN_EXPONENTIAL = 1e-20
@@ -30,25 +31,6 @@ class SamplerOutput:
     topk_token_ids: Optional[torch.Tensor] = None  # [B, K] int64
     topk_logprobs: Optional[torch.Tensor] = None  # [B, K] float32
     sampled_ranks: Optional[torch.Tensor] = None  # [B] int64, 1 = most likely
-
-
-def compute_topk_logprobs(
-    logprobs: torch.Tensor,  # [N, V] float32
-    token_ids: torch.Tensor,  # [N] int
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen token first, then the top-k: (token_ids [N, 1+k] int64, logprobs [N, 1+k], ranks [N] int64).
-
-    The rank is 1 + the number of tokens strictly more likely than the chosen one. k is capped at V.
-    """
-    token_ids = token_ids.to(torch.int64).unsqueeze(-1)  # [N, 1]
-    chosen = logprobs.gather(-1, token_ids)  # [N, 1]
-    ranks = (logprobs > chosen).sum(-1) + 1
-    k = min(k, logprobs.shape[-1])
-    if k <= 0:
-        return token_ids, chosen, ranks
-    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
-    return torch.cat([token_ids, topk_ids], dim=-1), torch.cat([chosen, topk_logprobs], dim=-1), ranks
 
 
 def _takes_prompt_ids(processor: Callable) -> bool:
@@ -72,79 +54,6 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
             else:
                 row = processor(list(entry.output_token_ids), row)
         logits[entry.row] = row
-
-
-def _bin_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Occurrences of each token id per row; token_ids [B, L] right-padded with vocab_size → [B, V] int32."""
-    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
-    return counts[:, :vocab_size]
-
-
-def penalize_logits(
-    logits: torch.Tensor,  # [B, V]
-    output_token_ids: torch.Tensor,  # [B, max_output_len] int64, right-padded with V
-    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
-    presence_penalties: torch.Tensor,  # [B] float32
-    frequency_penalties: torch.Tensor,  # [B] float32
-    repetition_penalties: torch.Tensor,  # [B] float32
-) -> torch.Tensor:
-    """Repetition (HF: prompt + output tokens, positive logits divided, negative multiplied), then presence and
-    frequency (OpenAI: output tokens only, logit -= frequency * count + presence * (count > 0))."""
-    vocab_size = logits.shape[-1]
-    output_counts = _bin_counts(output_token_ids, vocab_size)  # [B, V]
-    if prompt_token_ids is not None:
-        seen = (_bin_counts(prompt_token_ids, vocab_size) > 0) | (output_counts > 0)
-        penalty = repetition_penalties.unsqueeze(1).expand_as(logits)
-        penalty = torch.where(seen, penalty, torch.ones_like(penalty))
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits -= frequency_penalties.unsqueeze(1) * output_counts
-    logits -= presence_penalties.unsqueeze(1) * (output_counts > 0)
-    return logits
-
-
-def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """Penalize logits [B, V] in place through `graphserve::apply_penalties` (penalize_logits on the CPU)."""
-    sampling_ops.apply_penalties(logits, metadata.output_token_ids, metadata.prompt_token_ids,
-                                 metadata.presence_penalties, metadata.frequency_penalties,
-                                 metadata.repetition_penalties)
-    return logits
-
-
-def apply_top_k_top_p(
-    logits: torch.Tensor,  # [B, V]
-    top_k: Optional[torch.Tensor],  # [B] int64 in [1, V]
-    top_p: Optional[torch.Tensor],  # [B] float32 in (0, 1]
-) -> torch.Tensor:
-    """Mask to -inf what falls outside each row's top-k and then outside its top-p nucleus.
-
-    Ties with the k-th largest logit are kept. The nucleus is the smallest set of most likely tokens whose
-    probability reaches top_p, plus the tokens tied with its least likely one; the most likely token always
-    survives. Keeping the whole tie makes the set independent of how the sort orders equal logits (backends
-    differ), and lets the CUDA kernel find it by threshold search, without a sort.
-    """
-    if top_k is None and top_p is None:
-        return logits
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-    if top_k is not None:
-        kth_largest = sorted_logits.gather(1, (logits.shape[-1] - top_k).unsqueeze(1))  # [B, 1]
-        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
-    if top_p is not None:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # top_p = 1 is off: without the second term such rows would lose their zero-probability tokens
-        # only when another row of the batch uses top-p.
-        drop = (cumulative <= (1.0 - top_p).unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-        drop[:, -1] = False
-        smallest_kept = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
-        sorted_logits.masked_fill_(sorted_logits < smallest_kept, float("-inf"))
-    return logits.scatter(1, sorted_idx, sorted_logits)
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask tokens whose probability is below min_p times the row's top probability. logits: [B, V]."""
-    probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def exponential_race(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -214,7 +123,9 @@ class Sampler(nn.Module):
         if metadata.min_tokens_indices is not None:
             flat.index_fill_(0, metadata.min_tokens_indices, float("-inf"))
         if not metadata.no_penalties:
-            logits = apply_penalties(logits, metadata)
+            sampling_ops.apply_penalties(logits, metadata.output_token_ids, metadata.prompt_token_ids,
+                                         metadata.presence_penalties, metadata.frequency_penalties,
+                                         metadata.repetition_penalties)
         return logits
 
     @staticmethod

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from graphserve.layers.sampler import Sampler, SamplerOutput, apply_top_k_top_p, compute_topk_logprobs
+from graphserve.ops.sampling import apply_top_k_top_p
+from graphserve.sample import Sampler, SamplerOutput, compute_topk_logprobs
 from graphserve.sampling_params import SamplingParams
-from graphserve.worker.sampling_metadata import SamplingRequestState, build_sampling_metadata
+from graphserve.sample.metadata import SamplingRequestState, build_sampling_metadata
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 sampler = Sampler()

@@ -1,7 +1,7 @@
 """Per-step sampling inputs: host-side request state turned into a few device tensors, built once per step.
 
 Everything is gathered into Python lists / numpy arrays first and copied to the device with one host-to-device
-copy per tensor (from pinned memory on CUDA, so the copies do not block). Tensors that no request in the batch
+copy per tensor (from pinned memory where the platform pins, so the copies do not block). Tensors that no request in the batch
 needs are left as None, so the common all-greedy, no-penalty batch costs almost nothing.
 """
 from __future__ import annotations
@@ -87,15 +87,22 @@ def _position_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One host-to-device copy; pinned and non-blocking on CUDA."""
+class _Target(NamedTuple):
+    """Where the metadata tensors go, and whether their host copies are pinned first (the platform says)."""
+
+    device: torch.device
+    pin_memory: bool
+
+
+def _to_device(data, dtype: torch.dtype, target: _Target) -> torch.Tensor:
+    """One host-to-device copy; from pinned memory, and so non-blocking, where the platform pins."""
     cpu = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
     cpu = cpu.to(dtype)
-    if device.type == "cpu":
+    if target.device.type == "cpu":
         return cpu
-    if device.type == "cuda":
+    if target.pin_memory:
         cpu = cpu.pin_memory()
-    return cpu.to(device, non_blocking=True)
+    return cpu.to(target.device, non_blocking=True)
 
 
 def _pad_token_ids(rows: list[list[int]], pad_id: int) -> np.ndarray:
@@ -105,13 +112,6 @@ def _pad_token_ids(rows: list[list[int]], pad_id: int) -> np.ndarray:
         if ids:
             out[i, : len(ids)] = ids
     return out
-
-
-def _normalize_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _seeded_generator(state: SamplingRequestState, device: torch.device) -> torch.Generator:
@@ -125,21 +125,21 @@ def _seeded_generator(state: SamplingRequestState, device: torch.device) -> torc
     return gen
 
 
-def _build_truncation(params: list[SamplingParams], vocab_size: int, device: torch.device) -> dict:
+def _build_truncation(params: list[SamplingParams], vocab_size: int, target: _Target) -> dict:
     """Temperature / top-k / top-p / min-p tensors, each only if some row needs it."""
     temperature = [1.0 if p.sampling_type == SamplingType.GREEDY else p.temperature for p in params]
     top_k = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
     return {
-        "temperature": _to_device(temperature, torch.float32, device),
-        "top_k": _to_device(top_k, torch.int64, device) if any(k < vocab_size for k in top_k) else None,
-        "top_p": _to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
-        "min_p": _to_device(min_p, torch.float32, device) if any(p > 0.0 for p in min_p) else None,
+        "temperature": _to_device(temperature, torch.float32, target),
+        "top_k": _to_device(top_k, torch.int64, target) if any(k < vocab_size for k in top_k) else None,
+        "top_p": _to_device(top_p, torch.float32, target) if any(p < 1.0 for p in top_p) else None,
+        "min_p": _to_device(min_p, torch.float32, target) if any(p > 0.0 for p in min_p) else None,
     }
 
 
-def _build_penalties(reqs: list[SamplingRequestState], vocab_size: int, device: torch.device) -> dict:
+def _build_penalties(reqs: list[SamplingRequestState], vocab_size: int, target: _Target) -> dict:
     """Penalty factors plus the padded token ids the sampler counts on the device."""
     params = [r.sampling_params for r in reqs]
     presence = [p.presence_penalty for p in params]
@@ -151,16 +151,16 @@ def _build_penalties(reqs: list[SamplingRequestState], vocab_size: int, device: 
                               "prompt_token_ids", "output_token_ids"))
     prompt = _pad_token_ids([r.prompt_token_ids for r in reqs], vocab_size) if needs_prompt else None
     return {
-        "presence_penalties": _to_device(presence, torch.float32, device),
-        "frequency_penalties": _to_device(frequency, torch.float32, device),
-        "repetition_penalties": _to_device(repetition, torch.float32, device),
-        "prompt_token_ids": None if prompt is None else _to_device(prompt, torch.int64, device),
+        "presence_penalties": _to_device(presence, torch.float32, target),
+        "frequency_penalties": _to_device(frequency, torch.float32, target),
+        "repetition_penalties": _to_device(repetition, torch.float32, target),
+        "prompt_token_ids": None if prompt is None else _to_device(prompt, torch.int64, target),
         "output_token_ids": _to_device(_pad_token_ids([r.output_token_ids for r in reqs], vocab_size),
-                                       torch.int64, device),
+                                       torch.int64, target),
     }
 
 
-def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device: torch.device) -> dict:
+def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, target: _Target) -> dict:
     """Flattened indices for logit_bias (added) and for stop ids masked before min_tokens."""
     bias_idx: list[int] = []
     bias_val: list[float] = []
@@ -177,9 +177,9 @@ def _build_logit_masks(reqs: list[SamplingRequestState], vocab_size: int, device
             # Ids beyond the vocabulary can never be sampled, so there is nothing to mask.
             min_tokens_idx.extend(row * vocab_size + t for t in sorted(params.all_stop_token_ids) if t < vocab_size)
     return {
-        "logit_bias_indices": _to_device(bias_idx, torch.int64, device) if bias_idx else None,
-        "logit_bias_values": _to_device(bias_val, torch.float32, device) if bias_idx else None,
-        "min_tokens_indices": _to_device(min_tokens_idx, torch.int64, device) if min_tokens_idx else None,
+        "logit_bias_indices": _to_device(bias_idx, torch.int64, target) if bias_idx else None,
+        "logit_bias_values": _to_device(bias_val, torch.float32, target) if bias_idx else None,
+        "min_tokens_indices": _to_device(min_tokens_idx, torch.int64, target) if min_tokens_idx else None,
     }
 
 
@@ -222,15 +222,19 @@ def build_sampling_metadata(
     vocab_size: int,
     device: torch.device | str,
     generator: Optional[torch.Generator] = None,
+    pin_memory: bool = False,
 ) -> SamplingMetadata:
     """Build this step's SamplingMetadata for the requests that sample (row i = reqs[i]).
 
     `generator` is the engine-level generator for unseeded random rows; seeded rows use their own cached
     generator (stored on the SamplingRequestState), seeded from (seed, number of tokens generated so far).
+    `device` names its index (cuda:0, not cuda): a seeded row's generator is kept while its device matches.
+    `pin_memory` stages host copies in pinned memory (the platform's `supports_pin_memory`).
     """
     if not reqs:
         raise ValueError("build_sampling_metadata needs at least one request")
-    device = _normalize_device(device)
+    device = torch.device(device)
+    target = _Target(device, pin_memory)
     if _all_plain_greedy(reqs):
         return _plain_greedy_metadata(generator)
     params = [r.sampling_params for r in reqs]
@@ -239,7 +243,7 @@ def build_sampling_metadata(
     if all_greedy:
         truncation = dict.fromkeys(("temperature", "top_k", "top_p", "min_p"))
     else:
-        truncation = _build_truncation(params, vocab_size, device)
+        truncation = _build_truncation(params, vocab_size, target)
     generators = {
         row: _seeded_generator(req, device)
         for row, req in enumerate(reqs)
@@ -254,13 +258,13 @@ def build_sampling_metadata(
     return SamplingMetadata(
         all_greedy=all_greedy,
         all_random=all_random,
-        is_greedy=None if all_greedy or all_random else _to_device(greedy, torch.bool, device),
+        is_greedy=None if all_greedy or all_random else _to_device(greedy, torch.bool, target),
         generators=generators,
         generator=generator,
         logits_processors=processors,
         max_num_logprobs=max(requested) if requested else None,
         need_sampled_logprobs=bool(requested) or any(p.compute_cumulative_logprob for p in params),
         **truncation,
-        **_build_penalties(reqs, vocab_size, device),
-        **_build_logit_masks(reqs, vocab_size, device),
+        **_build_penalties(reqs, vocab_size, target),
+        **_build_logit_masks(reqs, vocab_size, target),
     )

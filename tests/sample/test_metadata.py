@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from graphserve.sampling_params import SamplingParams
-from graphserve.worker.sampling_metadata import (
+from graphserve.sample.metadata import (
     SamplingRequestState,
     _position_seed,
     build_sampling_metadata,

@@ -1,0 +1,155 @@
+"""PAGED_ATTN: graphserve's own paged attention ops, the default backend on every platform.
+
+KV layout (flash / NHD): one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_size], keys then
+values. The impl writes new K/V with `torch.ops.graphserve.reshape_and_cache` and attends with
+`torch.ops.graphserve.paged_attention` (mixed prefill / decode batches in one call). The platform decides what
+runs behind those ops: the torch reference on the CPU (the test oracle of every other kernel and backend),
+Triton kernels on CUDA/ROCm, which are graph-safe, so decode steps replay from CUDA/HIP graphs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from graphserve.attention.backends.base import (
+    PAD_SLOT_ID,
+    AttentionBackend,
+    AttentionImpl,
+    AttentionInputs,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+)
+from graphserve.attention.backends.utils import causal_attention
+from graphserve.buffers import StagedBuffer
+from graphserve.ops import attention as attention_ops
+
+
+class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
+    """Stages the batch layout into persistent buffers; decode graphs are captured over slices of them.
+
+    A graph of `size` rows reads rows [0, size) of each buffer, with the block table at its full width
+    (max_model_len / block_size) and one query token per row. Padded rows write nowhere (slot -1) and read one
+    token of block 0, which always exists, so a kernel launched over the whole bucket stays inside the pool.
+    """
+
+    def __init__(self, block_size: int, max_num_reqs: int, max_num_tokens: int, max_model_len: int,
+                 device: torch.device, pin_memory: bool) -> None:
+        super().__init__(block_size, max_num_reqs, max_num_tokens, max_model_len, device, pin_memory)
+
+        def buffer(size: int, dtype: torch.dtype, fill: int = 0) -> StagedBuffer:
+            return StagedBuffer((size,), dtype, device, pin_memory, fill)
+
+        self.slot_mapping = buffer(max_num_tokens, torch.int64, PAD_SLOT_ID)
+        self.query_start_loc = buffer(max_num_reqs + 1, torch.int32)
+        self.seq_lens = buffer(max_num_reqs, torch.int32, 1)
+        # Flat, so that a step uses a contiguous [num_reqs, width] prefix of whatever width it needs.
+        self.block_table = buffer(max_num_reqs * self.max_blocks_per_seq, torch.int32)
+        with torch.inference_mode():
+            # Decode graphs: every row holds exactly one query token, padded rows included.
+            self.decode_query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
+
+    def build(self, inputs: AttentionInputs) -> AttentionMetadata:
+        """Upload the batch as it is (no padding): metadata for the eager or compiled forward."""
+        num_reqs, num_tokens = inputs.num_reqs, inputs.num_tokens
+        width = inputs.block_table.shape[1]
+        self.slot_mapping.np[:num_tokens] = inputs.slot_mapping
+        self.query_start_loc.np[: num_reqs + 1] = inputs.query_start_loc
+        self.seq_lens.np[:num_reqs] = inputs.seq_lens
+        self.block_table.np[: num_reqs * width].reshape(num_reqs, width)[:] = inputs.block_table
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping.upload(num_tokens),
+            query_start_loc=self.query_start_loc.upload(num_reqs + 1),
+            seq_lens=self.seq_lens.upload(num_reqs),
+            block_table=self.block_table.upload(num_reqs * width).view(num_reqs, width),
+            max_query_len=int(np.diff(inputs.query_start_loc).max()) if num_reqs else 0,
+            max_seq_len=int(inputs.seq_lens.max()) if num_reqs else 0,
+            num_actual_tokens=num_tokens,
+        )
+
+    def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
+        """Views of rows [0, num_reqs), all padding for now; max_seq_len = max_model_len keeps the grids static."""
+        self._stage_padding(0, num_reqs)
+        self._upload_decode(num_reqs)
+        width = self.max_blocks_per_seq
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping.device[:num_reqs],
+            query_start_loc=self.decode_query_start_loc[: num_reqs + 1],
+            seq_lens=self.seq_lens.device[:num_reqs],
+            block_table=self.block_table.device[: num_reqs * width].view(num_reqs, width),
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            num_actual_tokens=num_reqs,
+        )
+
+    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
+        """Write a decode batch (one token per request) into rows [0, num_reqs), pad the rest of the bucket."""
+        num_reqs, width = inputs.num_reqs, inputs.block_table.shape[1]
+        self.slot_mapping.np[:num_reqs] = inputs.slot_mapping
+        self.seq_lens.np[:num_reqs] = inputs.seq_lens
+        full = self.max_blocks_per_seq
+        table = self.block_table.np[: num_padded_reqs * full].reshape(num_padded_reqs, full)
+        table[:num_reqs, :width] = inputs.block_table
+        # Staging copies alternate between steps, so columns past this step's width hold older block ids.
+        table[:num_reqs, width:] = 0
+        self._stage_padding(num_reqs, num_padded_reqs)
+        self._upload_decode(num_padded_reqs)
+
+    def _stage_padding(self, start: int, end: int) -> None:
+        """Rows [start, end) become padding: no cache write, one token of context in block 0."""
+        full = self.max_blocks_per_seq
+        self.slot_mapping.np[start:end] = PAD_SLOT_ID
+        self.seq_lens.np[start:end] = 1
+        self.block_table.np[start * full : end * full] = 0
+
+    def _upload_decode(self, num_rows: int) -> None:
+        self.slot_mapping.upload(num_rows)
+        self.seq_lens.upload(num_rows)
+        self.block_table.upload(num_rows * self.max_blocks_per_seq)
+
+
+class PagedAttentionImpl(AttentionImpl):
+    """Writes the new K/V with `reshape_and_cache`, then runs `paged_attention` over the whole batch."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor | None,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+        attn_metadata: AttentionMetadata | None,
+        output: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    ) -> None:
+        """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
+        if attn_metadata is None or kv_cache is None:
+            output.copy_(causal_attention(query, key, value, self.scale, self.sliding_window))
+            return
+        key_cache, value_cache = kv_cache.unbind(0)
+        md = attn_metadata
+        attention_ops.reshape_and_cache(key, value, key_cache, value_cache, md.slot_mapping)
+        attention_ops.paged_attention(
+            output, query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc,
+            self.scale, self.sliding_window or 0, md.max_query_len, md.max_seq_len,
+        )
+
+
+class PagedAttentionBackend(AttentionBackend):
+    """Paged attention through graphserve's ops: any head size, fp32/fp16/bf16, graphs where the ops allow."""
+
+    name = "PAGED_ATTN"
+    supports_cuda_graphs = True
+    ops = ("reshape_and_cache", "paged_attention")
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        """The paged impl."""
+        return PagedAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AttentionMetadataBuilder]:
+        """The persistent-buffer builder."""
+        return PagedAttentionMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """Keys and values of one layer, each [num_blocks, block_size, num_kv_heads, head_size]."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
