@@ -9,7 +9,7 @@ from graphserve.layers.vocab_parallel_embedding import ParallelLMHead
 
 
 class LogitsProcessor(nn.Module):
-    """Apply the LM head, gather vocab shards, drop vocab padding, then soft-cap and scale in fp32."""
+    """Apply the LM head, drop vocab padding, then soft-cap and scale in fp32."""
 
     def __init__(self, vocab_size: int, scale: float = 1.0, logits_soft_cap: float | None = None):
         super().__init__()
@@ -23,10 +23,6 @@ class LogitsProcessor(nn.Module):
         # hidden_states: [num_tokens, hidden_size]
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32 logits."""
         logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)
-        if lm_head.tp_size > 1:
-            shards = [torch.empty_like(logits) for _ in range(lm_head.tp_size)]
-            torch.distributed.all_gather(shards, logits)
-            logits = torch.cat(shards, dim=-1)
         # Padding rows are zero, so their logits would be 0, not -inf: they must be cut, not masked.
         logits = logits[..., : self.vocab_size].float()
         if self.logits_soft_cap is not None:

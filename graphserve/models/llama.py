@@ -140,8 +140,6 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama causal LM (also serves MistralForCausalLM: the sliding window comes from the config)."""
 
-    # fused parameter -> the checkpoint projections stacked into it (in shard order)
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     # (fused parameter name, checkpoint name, shard id)
     stacked_params_mapping = [
         (".qkv_proj", ".q_proj", "q"),

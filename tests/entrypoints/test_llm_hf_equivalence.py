@@ -5,6 +5,7 @@ import torch
 from graphserve import LLM, SamplingParams
 
 ARCHS = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"]
+ATTENTION_BACKENDS = ["PAGED_ATTN", "TORCH_SDPA"]  # every backend must match transformers
 PROMPT_LENS = [3, 15, 17, 40]  # around block boundaries (block_size 16); 40 > mistral's window of 12
 NEW_TOKENS = 32
 
@@ -26,10 +27,11 @@ def hf_greedy(hf_model, prompt: list[int]):
     return tokens, logprobs
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[(a, b) for b in ATTENTION_BACKENDS for a in ARCHS], ids="-".join)
 def arch_setup(request, tiny_model):
-    path, hf_model = tiny_model(request.param)
-    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8)
+    arch, attention_backend = request.param
+    path, hf_model = tiny_model(arch)
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8, attention_backend=attention_backend)
     refs = [hf_greedy(hf_model, p) for p in _prompts()]
     return llm, refs
 

@@ -1,4 +1,4 @@
-"""Linear/embedding/logits layers: weight loaders place each (packed, TP-sharded) tensor exactly."""
+"""Linear/embedding/logits layers: weight loaders place each (packed) tensor exactly."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,47 +39,30 @@ def test_shape_mismatch_is_an_error():
         _load(layer, "weight", torch.randn(6, 5))
 
 
-@pytest.mark.parametrize("tp_size", [1, 2])
-def test_column_parallel_shards_concatenate_to_full_output(tp_size):
+def test_column_and_row_linear_match_dense():
     w, b, x = torch.randn(8, 4), torch.randn(8), torch.randn(3, 4)
-    outputs = []
-    for rank in range(tp_size):
-        layer = ColumnParallelLinear(4, 8, bias=True, tp_rank=rank, tp_size=tp_size)
-        assert layer.weight.shape == (8 // tp_size, 4)
-        _load(layer, "weight", w)
-        _load(layer, "bias", b)
-        outputs.append(layer(x))
-    torch.testing.assert_close(torch.cat(outputs, dim=-1), F.linear(x, w, b))
+    column = ColumnParallelLinear(4, 8, bias=True)
+    _load(column, "weight", w)
+    _load(column, "bias", b)
+    torch.testing.assert_close(column(x), F.linear(x, w, b))
+    w2, b2 = torch.randn(5, 8), torch.randn(5)
+    row = RowParallelLinear(8, 5, bias=True)
+    _load(row, "weight", w2)
+    _load(row, "bias", b2)
+    torch.testing.assert_close(row(column(x)), F.linear(F.linear(x, w, b), w2, b2))
+    with pytest.raises(ValueError, match="do not add up"):
+        ColumnParallelLinear(4, 8, output_sizes=[3, 4])
 
 
-@pytest.mark.parametrize("tp_size", [1, 2])
-def test_row_parallel_partial_sums_add_to_full_output(tp_size):
-    w, b, x = torch.randn(5, 8), torch.randn(5), torch.randn(3, 8)
-    total = torch.zeros(3, 5)
-    for rank in range(tp_size):
-        layer = RowParallelLinear(8, 5, bias=True, reduce_results=False, tp_rank=rank, tp_size=tp_size)
-        assert layer.weight.shape == (5, 8 // tp_size)
-        _load(layer, "weight", w)
-        _load(layer, "bias", b)
-        shard = 8 // tp_size
-        total += layer(x[:, rank * shard:(rank + 1) * shard])
-    # The bias is added once (by rank 0), not tp_size times.
-    torch.testing.assert_close(total, F.linear(x, w, b))
-
-
-@pytest.mark.parametrize("tp_size", [1, 2])
-def test_merged_column_gate_up(tp_size):
+def test_merged_column_gate_up():
     gate, up, x = torch.randn(6, 4), torch.randn(6, 4), torch.randn(3, 4)
-    for rank in range(tp_size):
-        layer = MergedColumnParallelLinear(4, [6, 6], bias=False, tp_rank=rank, tp_size=tp_size)
-        _load(layer, "weight", up, 1)  # order of arrival must not matter
-        _load(layer, "weight", gate, 0)
-        s = 6 // tp_size
-        expected = torch.cat([x @ gate[rank * s:(rank + 1) * s].T, x @ up[rank * s:(rank + 1) * s].T], dim=-1)
-        torch.testing.assert_close(layer(x), expected)
-        fused = MergedColumnParallelLinear(4, [6, 6], bias=False, tp_rank=rank, tp_size=tp_size)
-        _load(fused, "weight", torch.cat([gate, up]))  # an already-fused checkpoint tensor
-        torch.testing.assert_close(fused.weight, layer.weight)
+    layer = MergedColumnParallelLinear(4, [6, 6], bias=False)
+    _load(layer, "weight", up, 1)  # order of arrival must not matter
+    _load(layer, "weight", gate, 0)
+    torch.testing.assert_close(layer(x), torch.cat([x @ gate.T, x @ up.T], dim=-1))
+    fused = MergedColumnParallelLinear(4, [6, 6], bias=False)
+    _load(fused, "weight", torch.cat([gate, up]))  # an already-fused checkpoint tensor
+    torch.testing.assert_close(fused.weight, layer.weight)
 
 
 def test_merged_column_rejects_bad_shard_id():
@@ -103,19 +86,6 @@ def test_qkv_with_bias_matches_separate_projections():
     torch.testing.assert_close(v, F.linear(x, wv, bv))
     with pytest.raises(ValueError, match="'q', 'k' or 'v'"):
         _load(layer, "weight", wq, "x")
-
-
-def test_qkv_replicates_kv_heads_when_tp_exceeds_them():
-    hidden, head, nh, nkv, tp = 8, 2, 4, 2, 4
-    wq, wk, wv = torch.randn(nh * head, hidden), torch.randn(nkv * head, hidden), torch.randn(nkv * head, hidden)
-    for rank in range(tp):
-        layer = QKVParallelLinear(hidden, head, nh, nkv, bias=False, tp_rank=rank, tp_size=tp)
-        assert (layer.num_heads, layer.num_kv_heads, layer.num_kv_head_replicas) == (1, 1, 2)
-        _load(layer, "weight", torch.cat([wq, wk, wv]))  # fused path splits by total head counts
-        kv_head = rank // 2
-        expected = torch.cat([wq[rank * head:(rank + 1) * head], wk[kv_head * head:(kv_head + 1) * head],
-                              wv[kv_head * head:(kv_head + 1) * head]])
-        torch.testing.assert_close(layer.weight, expected)
 
 
 class _TransposedMethod(LinearMethodBase):
@@ -144,18 +114,17 @@ class _TransposedConfig:
 def test_quant_config_selects_the_method_per_layer():
     config = _TransposedConfig()
     gate, up, x = torch.randn(6, 4), torch.randn(6, 4), torch.randn(3, 4)
-    layer = MergedColumnParallelLinear(4, [6, 6], bias=False, quant_config=config, prefix="mlp.gate_up_proj",
-                                       tp_rank=1, tp_size=2)
-    assert layer.weight.shape == (4, 6)
+    layer = MergedColumnParallelLinear(4, [6, 6], bias=False, quant_config=config, prefix="mlp.gate_up_proj")
+    assert layer.weight.shape == (4, 12)
     _load(layer, "weight", gate.T.contiguous(), 0)
     _load(layer, "weight", up.T.contiguous(), 1)
-    torch.testing.assert_close(layer(x), torch.cat([x @ gate[3:].T, x @ up[3:].T], dim=-1))
+    torch.testing.assert_close(layer(x), torch.cat([x @ gate.T, x @ up.T], dim=-1))
     other = ReplicatedLinear(4, 6, quant_config=config, prefix="mlp.router")
     assert isinstance(other.quant_method, UnquantizedLinearMethod)
     assert config.prefixes == ["mlp.gate_up_proj", "mlp.router"]
 
 
-def test_vocab_embedding_pads_and_shards():
+def test_vocab_embedding_pads():
     vocab, dim = 100, 8
     table, ids = torch.randn(vocab, dim), torch.tensor([0, 5, 63, 64, 99])
     full = VocabParallelEmbedding(vocab, dim)
@@ -163,11 +132,6 @@ def test_vocab_embedding_pads_and_shards():
     _load(full, "weight", table)
     assert torch.all(full.weight[vocab:] == 0)
     torch.testing.assert_close(full(ids), table[ids])
-    rank1 = VocabParallelEmbedding(vocab, dim, tp_rank=1, tp_size=2)
-    assert (rank1.vocab_start_index, rank1.vocab_end_index) == (64, 128)
-    _load(rank1, "weight", table)
-    torch.testing.assert_close(rank1.weight[:36], table[64:])
-    assert torch.all(rank1.weight[36:] == 0)
     with pytest.raises(ValueError, match="rows"):
         _load(full, "weight", torch.randn(vocab + 1, dim))
 
