@@ -116,7 +116,7 @@ class CompilationLevel:
 
 @dataclass(frozen=True)
 class CompilationConfig:
-    """torch.compile and CUDA/HIP graph settings, resolved per platform by EngineArgs (see graphserve/compile/__init__.py)."""
+    """torch.compile and CUDA/HIP graph settings, resolved per platform by EngineArgs (graphserve/compile/)."""
 
     level: int = CompilationLevel.NO_COMPILATION
     use_cudagraph: bool = False  # replay decode batches from graphs captured at start-up

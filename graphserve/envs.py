@@ -6,7 +6,8 @@ monkeypatch the environment after import.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _cache_dir() -> str:

@@ -6,14 +6,14 @@ against vLLM's offline API reads these objects unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
 # One entry per position: the chosen token and the top-k alternatives, keyed by token id.
 SampleLogprobs = list[dict[int, "Logprob"]]
 # Position 0 has no logprob (nothing precedes the first prompt token), hence Optional.
-PromptLogprobs = list[Optional[dict[int, "Logprob"]]]
+PromptLogprobs = list[dict[int, "Logprob"] | None]
 
 
 @dataclass
@@ -21,8 +21,8 @@ class Logprob:
     """Log probability of one token at one position, its rank (1 = most likely) and its text."""
 
     logprob: float
-    rank: Optional[int] = None
-    decoded_token: Optional[str] = None
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -32,9 +32,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: Optional[float]
-    logprobs: Optional[SampleLogprobs]
-    finish_reason: Optional[FinishReason] = None
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: FinishReason | None = None
     # The stop string or stop token id that ended the sequence; None for EOS, length or abort.
     stop_reason: int | str | None = None
 
@@ -57,10 +57,10 @@ class RequestMetrics:
 
     arrival_time: float
     last_token_time: float
-    first_scheduled_time: Optional[float] = None
-    first_token_time: Optional[float] = None
-    time_in_queue: Optional[float] = None
-    finished_time: Optional[float] = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None
+    finished_time: float | None = None
 
 
 @dataclass
@@ -68,12 +68,12 @@ class RequestOutput:
     """Everything generated so far for one user request: the prompt and its n completions."""
 
     request_id: str
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: Optional[PromptLogprobs]
+    prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: Optional[RequestMetrics] = None
+    metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
 
     def __repr__(self) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 import enum
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
 # Below this temperature sampling is greedy (argmax); vLLM uses the same threshold.
 _SAMPLING_EPS = 1e-5
@@ -40,7 +41,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+def _check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if not _is_int(value):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
     if minimum is not None and value < minimum:
@@ -72,7 +73,7 @@ class SamplingParams:
     MAX_LOGPROBS = 20  # class constant (not a field): the most top logprobs a request may ask for
 
     n: int = 1
-    best_of: Optional[int] = None
+    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -80,19 +81,19 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    seed: Optional[int] = None
-    stop: Union[None, str, list[str]] = None
-    stop_token_ids: Optional[list[int]] = None
+    seed: int | None = None
+    stop: None | str | list[str] = None
+    stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: Optional[int] = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
-    logprobs: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    logits_processors: Optional[list[LogitsProcessor]] = None
-    logit_bias: Optional[dict[int, float]] = None
+    logits_processors: list[LogitsProcessor] | None = None
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Stop ids masked while fewer than min_tokens were generated: stop_token_ids plus EOS (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
@@ -218,7 +219,7 @@ class SamplingParams:
         if not self.ignore_eos:
             self.all_stop_token_ids.update(int(t) for t in eos_token_ids)
 
-    def clone(self) -> "SamplingParams":
+    def clone(self) -> SamplingParams:
         """Deep copy, except logits processors, which may hold models or tokenizers and are shared (vLLM #3087)."""
         memo = {id(p): p for p in self.logits_processors or ()}
         return copy.deepcopy(self, memo=memo)

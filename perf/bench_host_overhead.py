@@ -4,24 +4,20 @@ Measures everything the CPU does around the model each step: schedule, input pre
 sampling-metadata build, the sampler on tiny logits, scheduler update, detokenization and output building.
 Target (performance.md): <= 1 ms per step at 256 running requests.
 
-    python perf/bench_host_overhead.py --num-requests 256 --out perf/results/cpu/host_overhead.json
+    python -m perf.bench_host_overhead --num-requests 256 --out perf/results/cpu/host_overhead.json
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from perf.common import write_record  # noqa: E402
-from perf.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from perf.common import write_record
+from perf.tiny_checkpoint import write_tiny_checkpoint
 
 
 class StubModel(nn.Module):
@@ -47,7 +43,7 @@ def build_engine(path: str, num_requests: int, max_tokens: int):
     args = EngineArgs(model=path, load_format="dummy", dtype="float32", max_num_seqs=num_requests,
                       max_num_batched_tokens=max(2048, num_requests), kv_cache_memory="1GiB")
     engine = LLMEngine.from_engine_args(args)
-    runner = engine.engine_core.model_runner
+    runner = engine.engine_core.model_executor.model_runner
     runner.model = StubModel(engine.model_config.hidden_size, engine.model_config.vocab_size)
     runner.forward_fn = runner.model  # the runner calls forward_fn (the model's forward, or its compiled wrapper)
     return engine
@@ -81,7 +77,7 @@ def main() -> None:
             t0 = time.perf_counter_ns()
             so = core.scheduler.schedule()
             t1 = time.perf_counter_ns()
-            mo = core.model_runner.execute_model(so)
+            mo = core.model_executor.execute_model(so).get_output()
             t2 = time.perf_counter_ns()
             outs = core.scheduler.update_from_output(so, mo)
             t3 = time.perf_counter_ns()

@@ -5,9 +5,9 @@ Two measurements per mode (off, then on), each on a fresh engine:
   * single: afterwards, one request at a time with the shared prefix and a new tail (the TTFT a user sees when the
     system prompt is already cached, against a full prefill).
 
-    python perf/bench_prefix_cache.py --num-requests 64 --output-len 32 --num-single 5 \
+    python -m perf.bench_prefix_cache --num-requests 64 --output-len 32 --num-single 5 \
         --out perf/results/cpu/prefix_cache_smollm2_1k_prefix_64req.json      # the default model, fp32
-    python perf/bench_prefix_cache.py --model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16 \
+    python -m perf.bench_prefix_cache --model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16 \
         --num-requests 64 --output-len 32 --out perf/results/h200/prefix_cache_llama8b.json   # on a GPU
 
 The engine flags are those of `graphserve generate`; --enable-prefix-caching is overridden by --modes.
@@ -19,12 +19,9 @@ import gc
 import os
 import random
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from perf.common import write_record  # noqa: E402
+from perf.common import write_record
 
 
 def make_prompts(num_requests: int, prefix_len: int, unique_len: int, vocab_size: int, seed: int):
@@ -144,7 +141,6 @@ def main() -> None:
     from graphserve import SamplingParams
     from graphserve.models.config_loader import create_model_config
     from graphserve.sampling_params import RequestOutputKind
-
     from perf.dummy_model import bench_engine_args
 
     engine_args = bench_engine_args(args)

@@ -3,7 +3,7 @@
 The model runner is replaced by a precomputed ModelRunnerOutput (one token per request), so only scheduler time is
 measured. Prints one JSON object (times in microseconds).
 
-    python perf/bench_scheduler.py --num-requests 256 --steps 2000
+    python -m perf.bench_scheduler --num-requests 256 --steps 2000
 """
 from __future__ import annotations
 

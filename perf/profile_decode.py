@@ -3,20 +3,16 @@
 Prints the wall time per step, the device-busy time per step (sum of kernel time), the idle gap between them
 (host work the GPU waits for), and the top kernels; writes the table as JSON.
 
-    python perf/profile_decode.py --model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16 \
+    python -m perf.profile_decode --model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16 \
         --batch-size 1 --steps 32 --out $OUT/profile_decode_b1.json
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from perf.bench_throughput import random_token_prompts  # noqa: E402
-from perf.common import write_record  # noqa: E402
+from perf.bench_throughput import random_token_prompts
+from perf.common import write_record
 
 
 def _decode_steps(llm, num_steps: int) -> float:
@@ -49,7 +45,6 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from graphserve import LLM, SamplingParams
-
     from perf.dummy_model import bench_engine_args
 
     engine_args = bench_engine_args(args)

@@ -4,8 +4,8 @@ The gate (tests/benchmarks/, run by every `pytest` and so by CI) compares each h
 perf/baselines/cpu_hot_paths.json. Run this after an intended performance change, or when CI moves to another CPU
 model or Python / torch minor version (the gate skips itself there, saying so):
 
-    .venv/bin/python perf/update_baseline.py              # 10 quiet + 6 loaded + 4 stress runs, ~3.5 min on 2 cores
-    .venv/bin/python perf/update_baseline.py --runs 3 --loaded-runs 0 --stress-runs 0   # quick, for trying out
+    .venv/bin/python -m perf.update_baseline         # 10 quiet + 6 loaded + 4 stress runs, ~3.5 min on 2 cores
+    .venv/bin/python -m perf.update_baseline --runs 3 --loaded-runs 0 --stress-runs 0   # quick, for trying out
 
 Each run is a fresh `pytest tests/benchmarks/test_hot_paths.py` with the gate off (GRAPHSERVE_PERF_GATE=0) that
 reports its ratios through GRAPHSERVE_PERF_RECORD. The loaded runs share the machine with one busy process, in turn
@@ -32,12 +32,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "benchmarks"))
+from perf.common import git_sha
+from tests.benchmarks import perf_gate
 
-import perf_gate  # noqa: E402
-from perf.common import git_sha  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Busy neighbours: an interpreter loop and a numpy loop that streams memory through the shared caches.
 _LOAD_SNIPPETS = [

@@ -1,10 +1,8 @@
 """Suite-wide fixtures: tiny random checkpoints with a real (trained-on-the-fly) byte-level BPE tokenizer."""
 import os
-import sys
 
 # Must be set before any @triton.jit decorator runs (CPU machines have no GPU; kernels run in the interpreter).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 

@@ -1,1 +1,1 @@
-"""Attention backends (ABC, registry, torch reference), their metadata, and the per-step forward context."""
+"""Attention backends (interface, registry, PAGED_ATTN and TORCH_SDPA), their metadata, the forward context."""

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 class ForwardContext:
     """What the attention layers of one forward pass read."""
 
-    attn_metadata: "AttentionMetadata | None"  # None = profiling/dummy run: plain causal attention, cache untouched
-    kv_caches: Sequence["torch.Tensor"]  # per layer, in the attention backend's KV cache shape
+    attn_metadata: AttentionMetadata | None  # None = profiling/dummy run: plain causal attention, cache untouched
+    kv_caches: Sequence[torch.Tensor]  # per layer, in the attention backend's KV cache shape
 
 
 # Per thread: each engine runs its forwards on its own thread (the server's engine-core thread, the caller's for
@@ -32,8 +32,8 @@ _local = threading.local()
 
 @contextmanager
 def set_forward_context(
-    attn_metadata: "AttentionMetadata | None",
-    kv_caches: Sequence["torch.Tensor"] | None,
+    attn_metadata: AttentionMetadata | None,
+    kv_caches: Sequence[torch.Tensor] | None,
 ) -> Iterator[ForwardContext]:
     """Make `attn_metadata` and `kv_caches` visible to attention layers for the duration of the block."""
     previous = getattr(_local, "context", None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 import torch
 
@@ -18,7 +17,7 @@ from graphserve.benchmarks.roofline import Ceilings, causal_pairs, device_ceilin
 LLAMA3_8B = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
 
 
-def cuda_ceilings() -> Optional[Ceilings]:
+def cuda_ceilings() -> Ceilings | None:
     """The measured ceilings of the current CUDA device, or None."""
     return device_ceilings(torch.cuda.get_device_name())
 
@@ -133,7 +132,7 @@ def bench_decode(
     peak = getattr(cuda_ceilings(), "bytes_per_s", None)
     rows = []
     for variant in variants:
-        def call() -> None:
+        def call(variant: dict = variant) -> None:
             paged_decode_attention(out, *args, scale, 0, context, **variant)
 
         seconds = time_graph(call)
@@ -166,7 +165,7 @@ def bench_prefill(
     peak = getattr(cuda_ceilings(), "flop_per_s", None)
     rows = []
     for variant in variants:
-        def call() -> None:
+        def call(variant: dict = variant) -> None:
             paged_prefill_attention(out, *args, scale, 0, prompt_len, **variant)
 
         seconds = time_graph(call)

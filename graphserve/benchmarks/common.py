@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,14 +49,14 @@ def environment() -> dict:
     }
 
 
-def command_line(cli_argv: Optional[Sequence[str]] = None) -> str:
+def command_line(cli_argv: Sequence[str] | None = None) -> str:
     """The command that produced a record: `graphserve ARGS` for the CLI, else the interpreter and sys.argv."""
     if cli_argv is not None:
         return shlex.join(["graphserve", *cli_argv])
     return shlex.join([os.path.basename(sys.executable), *sys.argv])
 
 
-def write_record(name: str, results: dict, out: Optional[str], cli_argv: Optional[Sequence[str]] = None) -> dict:
+def write_record(name: str, results: dict, out: str | None, cli_argv: Sequence[str] | None = None) -> dict:
     """Print the record as JSON and write it to `out` (a file path) when given; returns the record."""
     record = {"benchmark": name, "command": command_line(cli_argv), **environment(), "results": results}
     text = json.dumps(record, indent=2)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 from graphserve.engine.arg_utils import EngineArgs
 
@@ -47,7 +47,7 @@ def _timed_generate(llm: Any, platform: Any, prompts: list[list[int]], params: A
 
 
 def decode_roofline(cost: Any, ceilings: Any, batch_size: int, input_len: int, output_len: int,
-                    decode_s: Optional[float]) -> dict:
+                    decode_s: float | None) -> dict:
     """Bytes and FLOPs of the decode steps of one batch run, and the fractions of the ceilings they reached."""
     from graphserve.benchmarks.roofline import fraction, sig
 

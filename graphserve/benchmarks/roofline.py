@@ -5,8 +5,9 @@ so do the fractions computed against it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,24 +30,24 @@ DEVICE_CEILINGS: dict[str, Ceilings] = {
 }
 
 
-def device_ceilings(device_name: str) -> Optional[Ceilings]:
+def device_ceilings(device_name: str) -> Ceilings | None:
     """The measured ceilings of the device called `device_name`, or None when it was never measured."""
     return DEVICE_CEILINGS.get(device_name.strip())
 
 
-def fraction(achieved: Optional[float], ceiling: Optional[float]) -> Optional[float]:
+def fraction(achieved: float | None, ceiling: float | None) -> float | None:
     """achieved / ceiling rounded to 4 places; None when either is unknown."""
     if achieved is None or ceiling is None:
         return None
     return round(achieved / ceiling, 4)
 
 
-def sig(value: Optional[float], digits: int = 4) -> Optional[float]:
+def sig(value: float | None, digits: int = 4) -> float | None:
     """`value` rounded to `digits` significant digits (tiny CPU figures keep their precision); None stays None."""
     return None if value is None else float(f"{value:.{digits}g}")
 
 
-def causal_pairs(q_len: int, seq_len: int, window: Optional[int] = None) -> int:
+def causal_pairs(q_len: int, seq_len: int, window: int | None = None) -> int:
     """(query, key) pairs a chunk of `q_len` queries ending at `seq_len` attends to under a causal (window) mask."""
     if window is None:
         return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
@@ -66,7 +67,7 @@ class ModelCost:
     num_layers: int
     num_heads: int
     head_dim: int
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
 
     @property
     def matmul_params(self) -> int:

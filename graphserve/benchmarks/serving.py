@@ -17,13 +17,13 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -78,7 +78,6 @@ async def _one_request(client, model: str, prompt: list[int], output_len: int) -
 
 async def _run(args: argparse.Namespace, base_url: str) -> dict:
     """Warm up, then send every request on its Poisson schedule and gather what each measured."""
-    import random
 
     import httpx
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from graphserve.engine.arg_utils import EngineArgs
 
@@ -57,7 +57,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _points(args: argparse.Namespace) -> list[tuple[Optional[int], int]]:
+def _points(args: argparse.Namespace) -> list[tuple[int | None, int]]:
     if args.chat:
         if args.grid is not None:
             raise ValueError("--chat and --grid exclude each other: chat prompts have their own lengths")
@@ -67,7 +67,7 @@ def _points(args: argparse.Namespace) -> list[tuple[Optional[int], int]]:
     return list(args.grid) or list(DEFAULT_GRID)
 
 
-def _workload(args: argparse.Namespace, index: int, input_len: Optional[int], vocab_size: int,
+def _workload(args: argparse.Namespace, index: int, input_len: int | None, vocab_size: int,
               tokenizer: Any = None) -> list[list[int]]:
     """The prompts of one point: random token ids (seeded per point), or tokenized chat prompts."""
     from graphserve.benchmarks.datasets import chat_prompts, random_token_prompts
@@ -158,7 +158,7 @@ def _run_graphserve_points(args: argparse.Namespace, engine_args: Any, points: l
     return rows, load_s, mc.dtype
 
 
-def _merge(points: list, num_prompts: int, gs_rows: Optional[list], hf_rows: Optional[list]) -> list[dict]:
+def _merge(points: list, num_prompts: int, gs_rows: list | None, hf_rows: list | None) -> list[dict]:
     """One row per point with each backend's numbers and, when both ran, graphserve / transformers output tok/s."""
     from graphserve.benchmarks.roofline import sig
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Optional
+from typing import Any
 
 
 def hf_device(device: str) -> str:
@@ -19,7 +19,7 @@ def hf_device(device: str) -> str:
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def build_hf_model(hf_config: Any, dtype: str, device: str, attn_implementation: Optional[str] = None):
+def build_hf_model(hf_config: Any, dtype: str, device: str, attn_implementation: str | None = None):
     """A random-weight transformers model of `hf_config`, created directly on `device` in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -32,7 +32,7 @@ def build_hf_model(hf_config: Any, dtype: str, device: str, attn_implementation:
     return model.eval()
 
 
-def _cb_config(num_blocks: Optional[int], max_batch_tokens: Optional[int]):
+def _cb_config(num_blocks: int | None, max_batch_tokens: int | None):
     """transformers' ContinuousBatchingConfig when a limit is given, else None (its own sizing)."""
     if num_blocks is None and max_batch_tokens is None:
         return None
@@ -42,7 +42,7 @@ def _cb_config(num_blocks: Optional[int], max_batch_tokens: Optional[int]):
     return ContinuousBatchingConfig(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _active_span(outputs: list) -> Optional[float]:
+def _active_span(outputs: list) -> float | None:
     """Seconds from the first submission to the last finish, from the outputs' own timestamps (None if absent)."""
     try:
         starts = [o.created_time for o in outputs]
@@ -58,8 +58,8 @@ def _active_span(outputs: list) -> Optional[float]:
 class TransformersRunner:
     """Runs workloads through one transformers model with `generate_batch` and measures each."""
 
-    def __init__(self, hf_config: Any, dtype: str, device: str, attn_implementation: Optional[str] = None,
-                 num_blocks: Optional[int] = None, max_batch_tokens: Optional[int] = None) -> None:
+    def __init__(self, hf_config: Any, dtype: str, device: str, attn_implementation: str | None = None,
+                 num_blocks: int | None = None, max_batch_tokens: int | None = None) -> None:
         t0 = time.perf_counter()
         self.device = hf_device(device)
         self.model = build_hf_model(hf_config, dtype, self.device, attn_implementation)

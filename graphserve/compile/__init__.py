@@ -9,10 +9,12 @@ instead of `forward` arguments, so one graph serves every step.
   nothing is set on inductor's or dynamo's global config). The token dimension is marked unbacked, so one
   graph serves 1..max_num_batched_tokens tokens (a backed size would be specialized at 1 and recompile).
 - `cuda_graph.CUDAGraphRunner`: at start-up, one graph per decode bucket (1, 2, 4, 8, 16, 24, ... up to
-  max_num_seqs, or `--cuda-graph-sizes`), largest first, one shared memory pool; static input buffers owned by
-  the runner and updated in place; padded rows write nowhere (slot -1) and read one token of block 0.
-  Mixed prefill/decode steps run the (compiled) forward without graphs. Graphs are only captured when every
-  op's kernel is graph-safe (`Platform.kernel_choices()`); the torch reference attention is not.
+  max_num_seqs, or `--cuda-graph-sizes`), largest first, one shared memory pool. It only captures and replays:
+  the graphs read the model runner's persistent input buffers and the attention backend's metadata buffers
+  (`build_for_capture` / `prepare_for_replay`), rewritten in place before each replay; padded rows write
+  nowhere (slot -1) and read one token of block 0. Mixed prefill/decode steps run the (compiled) forward
+  without graphs. Graphs are only captured when the attention backend can be (`AttentionBackend.graph_blockers`)
+  and every op's kernel is graph-safe (`Platform.kernel_choices()`); the torch reference attention is not.
 - `counters`: process-wide counts of compiled graphs, captures and replays for tests.
 
 Defaults (`EngineArgs.create_compilation_config`): on CUDA/ROCm compile + graphs; on the CPU eager (inductor's

@@ -19,11 +19,11 @@ class CompilationCounter:
     num_cudagraphs_captured: int = 0  # CUDA/HIP graphs captured (one per decode bucket)
     num_cudagraph_replays: int = 0  # decode steps served by a graph replay
 
-    def snapshot(self) -> "CompilationCounter":
+    def snapshot(self) -> CompilationCounter:
         """A frozen copy of the current counts."""
         return dataclasses.replace(self)
 
-    def since(self, before: "CompilationCounter") -> dict[str, int]:
+    def since(self, before: CompilationCounter) -> dict[str, int]:
         """Per counter, how much it grew since `before`."""
         return {f.name: getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)}
 

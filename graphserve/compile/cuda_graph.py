@@ -87,7 +87,7 @@ class CUDAGraphRunner:
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        create_graph: Callable[[object], "DeviceGraph"],
+        create_graph: Callable[[object], DeviceGraph],
         pool: object = None,
     ) -> None:
         self.buckets = GraphBuckets(capture_sizes)
@@ -139,9 +139,9 @@ class CUDAGraphRunner:
 
 def create_graph_runner(
     compilation_config: CompilationConfig,
-    platform: "Platform",
-    kernel_choices: dict[str, "KernelChoice"],
-    attn_backend: type["AttentionBackend"],
+    platform: Platform,
+    kernel_choices: dict[str, KernelChoice],
+    attn_backend: type[AttentionBackend],
     hidden_size: int,
     dtype: torch.dtype,
     device: torch.device,

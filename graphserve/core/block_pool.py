@@ -12,7 +12,7 @@ recently used cached block.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from graphserve.core.kv_cache_utils import BlockHash
 
@@ -25,7 +25,7 @@ class KVCacheBlock:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: Optional[BlockHash] = None  # set while the block is in the prefix-cache index
+        self.block_hash: BlockHash | None = None  # set while the block is in the prefix-cache index
 
     def __repr__(self) -> str:
         cached = "" if self.block_hash is None else f", hash={self.block_hash[:4].hex()}"
@@ -75,7 +75,7 @@ class BlockPool:
             new_blocks.append(block)
         return new_blocks
 
-    def get_cached_block(self, block_hash: BlockHash) -> Optional[KVCacheBlock]:
+    def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         """The block holding the full prefix named by `block_hash`, if it is still cached."""
         return self.cached_block_hash_to_block.get(block_hash)
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from graphserve.core.block_pool import BlockPool, KVCacheBlock
 from graphserve.core.kv_cache_utils import BlockHash, extend_block_hashes
@@ -45,7 +46,7 @@ class KVCacheManager:
         return self.block_pool.get_num_free_blocks()
 
     # -- prefix cache ---------------------------------------------------------------------------------------------
-    def can_use_cache(self, request: "Request") -> bool:
+    def can_use_cache(self, request: Request) -> bool:
         """Whether the request may start from cached blocks.
 
         A request that asks for prompt logprobs skips the lookup (its own blocks are still cached for others):
@@ -53,7 +54,7 @@ class KVCacheManager:
         """
         return self.enable_caching and request.sampling_params.prompt_logprobs is None
 
-    def get_computed_blocks(self, request: "Request") -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached chain of the request's full blocks, and the number of tokens it covers.
 
         Only blocks within the first num_tokens - 1 tokens count: the last token is always computed because its
@@ -74,13 +75,13 @@ class KVCacheManager:
             hit_blocks.append(block)
         return hit_blocks, len(hit_blocks) * block_size
 
-    def next_block_hash(self, request: "Request", num_computed_blocks: int) -> Optional[BlockHash]:
+    def next_block_hash(self, request: Request, num_computed_blocks: int) -> BlockHash | None:
         """Hash of the block right after a hit of `num_computed_blocks` blocks, if the request could hit it."""
         if not self.can_use_cache(request) or num_computed_blocks >= (request.num_tokens - 1) // self.block_size:
             return None
         return request.block_hashes[num_computed_blocks]  # filled by get_computed_blocks
 
-    def hashes_to_be_written(self, request: "Request", start: int, num_new_tokens: int) -> list[BlockHash]:
+    def hashes_to_be_written(self, request: Request, start: int, num_new_tokens: int) -> list[BlockHash]:
         """Hashes of the blocks the request fills by computing positions [start, start + num_new_tokens).
 
         Those blocks are not shareable yet. A block holding a token still being sampled (async scheduling) has
@@ -95,7 +96,7 @@ class KVCacheManager:
             return []
         return extend_block_hashes(request, block_size, end * block_size)[first:end]
 
-    def cache_blocks(self, request: "Request") -> None:
+    def cache_blocks(self, request: Request) -> None:
         """Index the request's blocks that became full and computed (num_computed_tokens >= next_cache_boundary)."""
         block_size = self.block_size
         start = request.next_cache_boundary // block_size - 1
@@ -110,8 +111,8 @@ class KVCacheManager:
 
     # -- block tables ---------------------------------------------------------------------------------------------
     def allocate_slots(
-        self, request: "Request", num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] = ()
-    ) -> Optional[list[KVCacheBlock]]:
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] = ()
+    ) -> list[KVCacheBlock] | None:
         """Grow the request's block table so its computed tokens plus `num_new_tokens` fit.
 
         `new_computed_blocks` (from get_computed_blocks, only for a request that holds no blocks yet) start its
@@ -149,7 +150,7 @@ class KVCacheManager:
             blocks.extend(new_blocks)
         return new_blocks
 
-    def free(self, request: "Request") -> None:
+    def free(self, request: Request) -> None:
         """Release every block of the request (no-op when it holds none); cached ones stay cached until evicted."""
         blocks = self.req_to_blocks.pop(request.request_id, None)
         request.next_cache_boundary = sys.maxsize

@@ -12,7 +12,8 @@ import hashlib
 import os
 import pickle
 import struct
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphserve.core.request import Request
@@ -27,9 +28,9 @@ _PACKERS: dict[int, struct.Struct] = {}  # token count -> its little-endian layo
 
 
 def hash_block_tokens(
-    parent_block_hash: Optional[BlockHash],
+    parent_block_hash: BlockHash | None,
     block_token_ids: Sequence[int],
-    extra_keys: Optional[tuple[Any, ...]] = None,
+    extra_keys: tuple[Any, ...] | None = None,
 ) -> BlockHash:
     """sha256 of (parent hash or NONE_HASH, the block's token ids, extra keys), canonically serialized."""
     num_tokens = len(block_token_ids)
@@ -44,7 +45,7 @@ def hash_block_tokens(
     return hashlib.sha256(data).digest()
 
 
-def block_extra_keys(request: "Request", block_index: int) -> Optional[tuple[Any, ...]]:
+def block_extra_keys(request: Request, block_index: int) -> tuple[Any, ...] | None:
     """The non-token keys of one block of the request (None when there are none).
 
     The salt goes into the first block only: the chain carries it into every later hash.
@@ -54,7 +55,7 @@ def block_extra_keys(request: "Request", block_index: int) -> Optional[tuple[Any
     return None
 
 
-def extend_block_hashes(request: "Request", block_size: int, num_tokens: int) -> list[BlockHash]:
+def extend_block_hashes(request: Request, block_size: int, num_tokens: int) -> list[BlockHash]:
     """Extend `request.block_hashes` to the full blocks among its first `num_tokens` known tokens; return it.
 
     Tokens never change once known (preemption keeps them), so the hashes are computed once per request.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from graphserve.sampling_params import SamplingParams
@@ -21,11 +21,11 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
 
     @staticmethod
-    def is_finished(status: "RequestStatus") -> bool:
+    def is_finished(status: RequestStatus) -> bool:
         return status >= RequestStatus.FINISHED_STOPPED
 
     @staticmethod
-    def get_finished_reason(status: "RequestStatus") -> Optional[str]:
+    def get_finished_reason(status: RequestStatus) -> str | None:
         return _FINISHED_REASONS.get(status)
 
 
@@ -43,10 +43,10 @@ class Request:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: "SamplingParams",
+        sampling_params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
-        arrival_time: Optional[float] = None,
-        cache_salt: Optional[str] = None,
+        arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -71,7 +71,7 @@ class Request:
         self.block_hashes: list[bytes] = []
         # Prompt tokens found in the prefix cache when first scheduled (reported in RequestOutput).
         self.num_cached_tokens = 0
-        self.first_scheduled_time: Optional[float] = None  # time.monotonic() of the first admission
+        self.first_scheduled_time: float | None = None  # time.monotonic() of the first admission
         # Set by the KVCacheManager: once num_computed_tokens reaches it, the next full block can be cached
         # (sys.maxsize while prefix caching is off or the request holds no blocks). One compare per step.
         self.next_cache_boundary = sys.maxsize
@@ -91,7 +91,7 @@ class Request:
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)
 
-    def get_finished_reason(self) -> Optional[str]:
+    def get_finished_reason(self) -> str | None:
         return RequestStatus.get_finished_reason(self.status)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 from graphserve.config import CacheConfig, SchedulerConfig
 from graphserve.core.kv_cache_manager import KVCacheManager, cdiv
@@ -58,7 +58,7 @@ def max_kv_tokens(request: Request, max_model_len: int) -> int:
     return min(num_prompt + request.max_tokens - 1, max(max_model_len - 1, num_prompt))
 
 
-def _truncate_logprobs(logprobs: Optional[LogprobsLists], num_positions: int) -> Optional[LogprobsLists]:
+def _truncate_logprobs(logprobs: LogprobsLists | None, num_positions: int) -> LogprobsLists | None:
     if logprobs is None or len(logprobs.ranks) <= num_positions:
         return logprobs
     return LogprobsLists(
@@ -126,7 +126,7 @@ class Scheduler:
         self.requests[req_id] = request
         self.waiting.append(request)
 
-    def finish_requests(self, req_ids: Union[str, Iterable[str]], finished_status: RequestStatus) -> None:
+    def finish_requests(self, req_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
         """End requests from outside (stop string, abort); unknown ids are ignored, no output is emitted."""
         if not RequestStatus.is_finished(finished_status):
             raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status!r}")
@@ -223,7 +223,7 @@ class Scheduler:
         """The scheduled tokens count as computed from now on (their KV is written before any later step reads it)."""
         request.num_computed_tokens = start + num_new_tokens
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> tuple[Optional[list[int]], bool]:
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> tuple[list[int] | None, bool]:
         """Allocate slots, preempting the newest running requests until they fit; (None, True) if it went itself."""
         running = self.running
         preempted = False
@@ -245,7 +245,7 @@ class Scheduler:
         """
         waiting, running = self.waiting, self.running
         kv_cache_manager = self.kv_cache_manager
-        being_written: Optional[set[BlockHash]] = None  # built on first need
+        being_written: set[BlockHash] | None = None  # built on first need
         deferred: list[Request] = []
         while waiting and token_budget > 0 and len(running) < self.max_num_seqs:
             request = waiting[0]
@@ -411,7 +411,7 @@ class Scheduler:
         self.finished_req_ids.add(request.request_id)
 
     # -- stats ------------------------------------------------------------------------------------------------------
-    def get_request(self, req_id: str) -> Optional[Request]:
+    def get_request(self, req_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
         return self.requests.get(req_id)
 

@@ -5,7 +5,7 @@ Both are plain Python (lists, ints, floats) so the engine core can live in anoth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from graphserve.sampling_params import SamplingParams
@@ -18,7 +18,7 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty when resumed after preemption (recompute)
-    sampling_params: "SamplingParams"
+    sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose KV is already in the blocks
 
@@ -77,13 +77,13 @@ class EngineCoreOutput:
     req_id: str
     new_token_ids: list[int]
     new_sampled_logprobs: list[float] = field(default_factory=list)
-    new_logprobs: Optional[LogprobsLists] = None
-    new_prompt_logprobs: Optional[tuple[int, LogprobsLists]] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    new_logprobs: LogprobsLists | None = None
+    new_prompt_logprobs: tuple[int, LogprobsLists] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     # time.monotonic() of the request's first scheduling (serving metrics: queue time = this - arrival_time).
-    first_scheduled_time: Optional[float] = None
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

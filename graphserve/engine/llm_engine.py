@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from graphserve.config import EngineConfig
 from graphserve.core.request import RequestStatus
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     """Strings in, RequestOutputs out: input processing → engine core → output processing."""
 
-    def __init__(self, config: EngineConfig, chat_template: Optional[str] = None) -> None:
+    def __init__(self, config: EngineConfig, chat_template: str | None = None) -> None:
         mc = config.model_config
         # A GGUF model carries its own tokenizer; an explicit tokenizer directory is a plain HF one.
         gguf_file = mc.gguf_file if mc.tokenizer == mc.model else None
@@ -32,7 +32,7 @@ class LLMEngine:
         self.model_config = mc
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
         """Build the whole engine from user settings."""
         return cls(engine_args.create_engine_config(), chat_template=engine_args.chat_template)
 
@@ -41,7 +41,7 @@ class LLMEngine:
         request_id: str,
         prompt: Any,
         params: SamplingParams,
-        arrival_time: Optional[float] = None,
+        arrival_time: float | None = None,
         add_special_tokens: bool = True,
     ) -> None:
         """Validate and queue one prompt (text, token ids or a dict); raises ValueError on bad input."""

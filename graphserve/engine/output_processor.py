@@ -14,7 +14,7 @@ is still incomplete never reaches the user.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,9 +43,9 @@ class _SequenceState:
         self.num_detokenized = 0  # token_ids[:this] went through the detokenizer
         self.token_ids: list[int] = []
         # None unless the engine returns sampled-token logprobs (logprobs requested, or best_of ranking).
-        self.cumulative_logprob: Optional[float] = None
-        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
-        self.finish_reason: Optional[str] = None
+        self.cumulative_logprob: float | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.updated = False  # got tokens (or finished) since the last delivered output
         self.num_sent_chars = 0  # DELTA: text, token ids and logprobs already delivered
@@ -80,8 +80,8 @@ class _RequestState:
     """One user request: its prompt, its children and the request-level bookkeeping."""
 
     def __init__(
-        self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-        children: list[_SequenceState], metrics: Optional[RequestMetrics],
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+        children: list[_SequenceState], metrics: RequestMetrics | None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -93,7 +93,7 @@ class _RequestState:
         # Only known at the end when best_of > n: deliver once, whatever the kind.
         self.final_only = params.output_kind == RequestOutputKind.FINAL_ONLY or len(children) > params.n
         self.delta = params.output_kind == RequestOutputKind.DELTA
-        self.prompt_logprobs: Optional[PromptLogprobs] = (
+        self.prompt_logprobs: PromptLogprobs | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         )
         self.prompt_logprobs_sent = False
@@ -105,7 +105,7 @@ class _RequestState:
         """True once every child sequence has finished."""
         return self.num_unfinished == 0
 
-    def make_output(self) -> Optional[RequestOutput]:
+    def make_output(self) -> RequestOutput | None:
         """The RequestOutput to deliver after this step, or None when the kind says to wait."""
         finished = self.finished
         if self.final_only and not finished:
@@ -140,7 +140,7 @@ class OutputProcessor:
         self._token_text: dict[int, str] = {}  # decoded_token of logprobs, by token id
 
     def add_request(
-        self, request_id: str, prompt: Optional[str], prompt_token_ids: Sequence[int], params: SamplingParams,
+        self, request_id: str, prompt: str | None, prompt_token_ids: Sequence[int], params: SamplingParams,
         child_req_ids: Sequence[str], arrival_time: float,
     ) -> None:
         """Track a request whose children (InputProcessor.process_inputs) go to the scheduler."""

@@ -5,8 +5,9 @@ import contextlib
 import json
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -16,8 +17,8 @@ _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 def get_tokenizer(
     tokenizer_dir: str,
-    gguf_file: Optional[str] = None,
-    chat_template: Optional[str] = None,
+    gguf_file: str | None = None,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer of `tokenizer_dir` (or of `gguf_file` inside it) and resolve its chat template.
 
@@ -52,7 +53,7 @@ def load_chat_template(chat_template: str) -> str:
     raise ValueError(f"chat_template {chat_template!r} is neither an existing file nor a Jinja template")
 
 
-def _find_chat_template_file(tokenizer_dir: str) -> Optional[str]:
+def _find_chat_template_file(tokenizer_dir: str) -> str | None:
     path = os.path.join(tokenizer_dir, _CHAT_TEMPLATE_FILE)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -95,7 +96,7 @@ class TokenInfo:
     vocab_len: int  # len(tokenizer): ids at or above it decode to nothing
 
 
-_TOKEN_INFO: "weakref.WeakKeyDictionary[Any, TokenInfo]" = weakref.WeakKeyDictionary()
+_TOKEN_INFO: weakref.WeakKeyDictionary[Any, TokenInfo] = weakref.WeakKeyDictionary()
 
 
 def get_token_info(tokenizer: PreTrainedTokenizerBase) -> TokenInfo:

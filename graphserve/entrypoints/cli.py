@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from typing import Optional
 
 from graphserve.benchmarks.cli import add_bench_parser
 from graphserve.engine.arg_utils import EngineArgs
@@ -91,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="graphserve", description="graphserve: LLM inference and serving")
-    parser.add_argument("--log-level", default=None, help="python logging level (default: INFO for serve, else WARNING)")
+    parser.add_argument("--log-level", default=None,
+                        help="python logging level (default: INFO for serve, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
     _add_generate_parser(sub)
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     parser = build_parser()
     args = parser.parse_args(argv)

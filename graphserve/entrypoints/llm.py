@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 from graphserve.engine.arg_utils import EngineArgs
 from graphserve.engine.llm_engine import LLMEngine
 from graphserve.outputs import RequestOutput
 from graphserve.sampling_params import RequestOutputKind, SamplingParams
 
-PromptInput = Union[str, list[int], dict]
+PromptInput = str | list[int] | dict
 
 
 class LLM:
@@ -20,7 +20,7 @@ class LLM:
     Other keyword arguments are `EngineArgs` fields (dtype, max_model_len, seed, block_size, ...).
     """
 
-    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(EngineArgs.__dataclass_fields__)
         if unknown:
             raise TypeError(f"LLM() got unknown arguments: {sorted(unknown)}")
@@ -38,10 +38,10 @@ class LLM:
 
     def generate(
         self,
-        prompts: Union[PromptInput, Sequence[PromptInput], None] = None,
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        prompts: PromptInput | Sequence[PromptInput] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        prompt_token_ids: Optional[list[list[int]]] = None,
+        prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in input order."""
         prompt_list = self._normalize_prompts(prompts, prompt_token_ids)
@@ -49,10 +49,10 @@ class LLM:
 
     def chat(
         self,
-        messages: Union[list[dict], list[list[dict]]],
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        chat_template: Optional[str] = None,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat template."""
@@ -61,14 +61,15 @@ class LLM:
         conversations = messages if isinstance(messages[0], list) else [messages]
         processor = self.llm_engine.input_processor
         texts = [
-            processor.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+            processor.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                          chat_template=chat_template)
             for conv in conversations
         ]
         # The rendered text already holds BOS and the other template tokens.
         return self._run(texts, sampling_params, use_tqdm, add_special_tokens=False)
 
     @staticmethod
-    def _normalize_prompts(prompts: Any, prompt_token_ids: Optional[list[list[int]]]) -> list[PromptInput]:
+    def _normalize_prompts(prompts: Any, prompt_token_ids: list[list[int]] | None) -> list[PromptInput]:
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise ValueError("pass either prompts or prompt_token_ids, not both")

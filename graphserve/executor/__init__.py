@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from graphserve.executor.base import Executor
 
 
-def create_executor(config: "EngineConfig") -> "Executor":
+def create_executor(config: EngineConfig) -> Executor:
     """The executor for `config`: the in-process one (tensor parallelism will choose a multiprocess or Ray one)."""
     from graphserve.executor.uniproc_executor import UniProcExecutor
 

@@ -9,7 +9,8 @@ parameter a checkpoint tensor (or one shard of a packed projection: q/k/v, gate/
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F

@@ -27,7 +27,7 @@ from graphserve.ops import rotary as rotary_ops
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _NEEDS_ORIGINAL_MAX = ("yarn", "llama3", "longrope")
 # Built caches shared by all layers with the same parameters on the same device (freed with the last user).
-_CACHES: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+_CACHES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def _normalize_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:

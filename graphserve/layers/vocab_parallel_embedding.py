@@ -63,7 +63,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         else:
             self.register_parameter("bias", None)
 
-    def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> "ParallelLMHead":
+    def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> ParallelLMHead:
         """Share the embedding's weight (tie_word_embeddings)."""
         if embed_tokens.weight.shape != self.weight.shape:
             raise ValueError("cannot tie LM head and embedding of different shapes")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
 
 from graphserve.metrics.stats import IterationStats, SchedulerStats, StatLoggerBase
 
@@ -20,12 +19,12 @@ class LoggingStatLogger(StatLoggerBase):
         self._num_generation_tokens = 0
         self._num_finished = 0
         self._scheduler_stats = SchedulerStats()
-        self._last_logged_state: Optional[tuple] = None
+        self._last_logged_state: tuple | None = None
         # Cumulative prefix-cache counters at the start of the interval (the hit rate is per interval, like vLLM's).
         self._interval_start_queries = 0
         self._interval_start_hits = 0
 
-    def record(self, scheduler_stats: Optional[SchedulerStats], iteration_stats: Optional[IterationStats]) -> None:
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
         """Book one batch of stats."""
         if scheduler_stats is not None:
             self._scheduler_stats = scheduler_stats

@@ -5,8 +5,6 @@ carries the `model_name` label, as vLLM's do.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from graphserve.metrics.stats import IterationStats, SchedulerStats, StatLoggerBase
@@ -37,7 +35,7 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 class PrometheusStatLogger(StatLoggerBase):
     """Feeds the gauges, counters and histograms of one served model."""
 
-    def __init__(self, model_name: str, max_model_len: int, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, model_name: str, max_model_len: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         labels = {"model_name": model_name}
         reg = self.registry
@@ -73,7 +71,7 @@ class PrometheusStatLogger(StatLoggerBase):
                                                    length_buckets)
         self._last_scheduler_stats = SchedulerStats()
 
-    def record(self, scheduler_stats: Optional[SchedulerStats], iteration_stats: Optional[IterationStats]) -> None:
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
         """Book one batch of stats."""
         if scheduler_stats is not None:
             self._record_scheduler(scheduler_stats)

@@ -7,8 +7,8 @@ children of a user request) is one sequence; all times are `time.monotonic()` se
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from graphserve.core.scheduler_output import EngineCoreOutput
 
@@ -33,7 +33,7 @@ class FinishedRequestStats:
     e2e_latency: float
     num_prompt_tokens: int
     num_generation_tokens: int
-    queue_time: Optional[float] = None  # None when it never got scheduled (or the core did not say when)
+    queue_time: float | None = None  # None when it never got scheduled (or the core did not say when)
 
 
 @dataclass
@@ -57,8 +57,8 @@ class _SequenceStats:
     def __init__(self, arrival_time: float, num_prompt_tokens: int) -> None:
         self.arrival_time = arrival_time
         self.num_prompt_tokens = num_prompt_tokens
-        self.first_scheduled_time: Optional[float] = None
-        self.first_token_time: Optional[float] = None
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.last_token_time = arrival_time
         self.num_generation_tokens = 0
 
@@ -127,7 +127,7 @@ class StatLoggerBase(abc.ABC):
     """A consumer of engine stats (Prometheus, the periodic log line, ...)."""
 
     @abc.abstractmethod
-    def record(self, scheduler_stats: Optional[SchedulerStats], iteration_stats: Optional[IterationStats]) -> None:
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
         """Book one batch of stats; called on the event loop after every engine step."""
 
     def log(self) -> None:  # noqa: B027 (optional hook)

@@ -5,8 +5,9 @@ and the attention layer separates them through the forward context's metadata.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -16,7 +16,7 @@ NAMESPACE = "graphserve"
 
 # Ops live as long as this Library object: it must stay referenced for the whole process.
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
-_OPS: dict[str, "RegisteredOp"] = {}
+_OPS: dict[str, RegisteredOp] = {}
 
 
 class RegisteredOp:
@@ -37,7 +37,7 @@ class RegisteredOp:
         """The callable `torch.ops.graphserve.<name>`."""
         return getattr(getattr(torch.ops, NAMESPACE), self.name)
 
-    def impl(self, dispatch_key: str, fn: Callable[..., object]) -> "RegisteredOp":
+    def impl(self, dispatch_key: str, fn: Callable[..., object]) -> RegisteredOp:
         """Register `fn` as the kernel for one dispatch key (e.g. "CUDA"); it overrides the reference there."""
         if dispatch_key in self.kernels:
             raise RuntimeError(f"graphserve::{self.name} already has a kernel for {dispatch_key}")

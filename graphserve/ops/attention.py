@@ -35,7 +35,7 @@ class AttentionLayer(Protocol):
 
 
 # Layers are found by a process-unique id, not by layer index, so two models in one process never collide.
-_LAYERS: "weakref.WeakValueDictionary[int, AttentionLayer]" = weakref.WeakValueDictionary()
+_LAYERS: weakref.WeakValueDictionary[int, AttentionLayer] = weakref.WeakValueDictionary()
 _NEXT_LAYER_ID = itertools.count()
 
 

@@ -5,8 +5,6 @@ the Sampler (graphserve/sample/) calls the ops. Both ops only write preallocated
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from graphserve.ops._register import register_op
@@ -22,7 +20,7 @@ def _bin_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def penalize_logits(
     logits: torch.Tensor,  # [B, V]
     output_token_ids: torch.Tensor,  # [B, max_output_len] int64, right-padded with V
-    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
+    prompt_token_ids: torch.Tensor | None,  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
     presence_penalties: torch.Tensor,  # [B] float32
     frequency_penalties: torch.Tensor,  # [B] float32
     repetition_penalties: torch.Tensor,  # [B] float32
@@ -43,8 +41,8 @@ def penalize_logits(
 
 def apply_top_k_top_p(
     logits: torch.Tensor,  # [B, V]
-    top_k: Optional[torch.Tensor],  # [B] int64 in [1, V]
-    top_p: Optional[torch.Tensor],  # [B] float32 in (0, 1]
+    top_k: torch.Tensor | None,  # [B] int64 in [1, V]
+    top_p: torch.Tensor | None,  # [B] float32 in (0, 1]
 ) -> torch.Tensor:
     """Mask to -inf what falls outside each row's top-k and then outside its top-p nucleus.
 
@@ -80,7 +78,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def _apply_penalties_ref(
     logits: torch.Tensor,  # [B, V] float32, penalized in place
     output_token_ids: torch.Tensor,  # [B, max_output_len] int64, right-padded with V
-    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
+    prompt_token_ids: torch.Tensor | None,  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
     presence_penalties: torch.Tensor,  # [B] float32
     frequency_penalties: torch.Tensor,  # [B] float32
     repetition_penalties: torch.Tensor,  # [B] float32
@@ -94,9 +92,9 @@ def _apply_sampling_filters_ref(
     out: torch.Tensor,  # [B, V] float32
     logits: torch.Tensor,  # [B, V] float32
     temperature: torch.Tensor,  # [B] float32
-    top_k: Optional[torch.Tensor],  # [B] int64 in [1, V]; V = off
-    top_p: Optional[torch.Tensor],  # [B] float32 in (0, 1]; 1 = off
-    min_p: Optional[torch.Tensor],  # [B] float32 in [0, 1]; 0 = off
+    top_k: torch.Tensor | None,  # [B] int64 in [1, V]; V = off
+    top_p: torch.Tensor | None,  # [B] float32 in (0, 1]; 1 = off
+    min_p: torch.Tensor | None,  # [B] float32 in [0, 1]; 0 = off
 ) -> None:
     """out <- logits / temperature with -inf outside each row's top-k, then top-p nucleus, then min-p set."""
     filtered = apply_top_k_top_p(logits / temperature.unsqueeze(1), top_k, top_p)
@@ -112,7 +110,7 @@ register_op("apply_sampling_filters", _apply_sampling_filters_ref, mutates_args=
 def apply_penalties(
     logits: torch.Tensor,  # [B, V] float32
     output_token_ids: torch.Tensor,  # [B, max_output_len] int64
-    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64
+    prompt_token_ids: torch.Tensor | None,  # [B, max_prompt_len] int64
     presence_penalties: torch.Tensor,  # [B] float32
     frequency_penalties: torch.Tensor,  # [B] float32
     repetition_penalties: torch.Tensor,  # [B] float32
@@ -125,9 +123,9 @@ def apply_penalties(
 def apply_sampling_filters(
     logits: torch.Tensor,  # [B, V] float32
     temperature: torch.Tensor,  # [B] float32
-    top_k: Optional[torch.Tensor],  # [B] int64
-    top_p: Optional[torch.Tensor],  # [B] float32
-    min_p: Optional[torch.Tensor],  # [B] float32
+    top_k: torch.Tensor | None,  # [B] int64
+    top_p: torch.Tensor | None,  # [B] float32
+    min_p: torch.Tensor | None,  # [B] float32
 ) -> torch.Tensor:
     """A new [B, V] tensor: logits / temperature, -inf where top-k, top-p or min-p drops the token."""
     out = torch.empty_like(logits)

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from graphserve.platforms.interface import Platform
 
-_current: "Platform | None" = None
+_current: Platform | None = None
 
 
-def resolve_platform(device: str = "auto") -> "Platform":
+def resolve_platform(device: str = "auto") -> Platform:
     """The platform for a device string: 'auto' picks CUDA/ROCm when a GPU is visible, else CPU."""
     import torch
 
@@ -31,7 +31,7 @@ def resolve_platform(device: str = "auto") -> "Platform":
     return CudaPlatform()
 
 
-def get_platform(name: str) -> "Platform":
+def get_platform(name: str) -> Platform:
     """The platform named "cpu", "cuda" or "rocm" (as resolved earlier by `resolve_platform`), without detection."""
     if name == "cpu":
         from graphserve.platforms.cpu import CpuPlatform
@@ -48,7 +48,7 @@ def get_platform(name: str) -> "Platform":
     raise ValueError(f"unknown platform {name!r}; known: cpu, cuda, rocm")
 
 
-def current_platform() -> "Platform":
+def current_platform() -> Platform:
     """The platform of this process (auto-detected once)."""
     global _current
     if _current is None:

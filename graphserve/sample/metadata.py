@@ -1,13 +1,14 @@
 """Per-step sampling inputs: host-side request state turned into a few device tensors, built once per step.
 
 Everything is gathered into Python lists / numpy arrays first and copied to the device with one host-to-device
-copy per tensor (from pinned memory where the platform pins, so the copies do not block). Tensors that no request in the batch
-needs are left as None, so the common all-greedy, no-penalty batch costs almost nothing.
+copy per tensor (from pinned memory where the platform pins, so the copies do not block). Tensors that no request
+in the batch needs are left as None, so the common all-greedy, no-penalty batch costs almost nothing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ class SamplingRequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     # Seeded requests only: created on first use, re-seeded every step (see _position_seed).
-    generator: Optional[torch.Generator] = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
 
 
 class LogitsProcessorRow(NamedTuple):
@@ -44,28 +45,28 @@ class SamplingMetadata:
 
     all_greedy: bool
     all_random: bool
-    temperature: Optional[torch.Tensor]  # [B] float32; greedy rows hold 1.0; None when all_greedy
-    top_k: Optional[torch.Tensor]  # [B] int64 in [1, V]; V = off; None when no row uses top-k
-    top_p: Optional[torch.Tensor]  # [B] float32; 1.0 = off; None when no row uses top-p
-    min_p: Optional[torch.Tensor]  # [B] float32; 0.0 = off; None when no row uses min-p
-    is_greedy: Optional[torch.Tensor]  # [B] bool; only for mixed batches
+    temperature: torch.Tensor | None  # [B] float32; greedy rows hold 1.0; None when all_greedy
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V = off; None when no row uses top-k
+    top_p: torch.Tensor | None  # [B] float32; 1.0 = off; None when no row uses top-p
+    min_p: torch.Tensor | None  # [B] float32; 0.0 = off; None when no row uses min-p
+    is_greedy: torch.Tensor | None  # [B] bool; only for mixed batches
     # Seeded rows: row -> its generator, already seeded for this step's position.
     generators: dict[int, torch.Generator]
     # Draws for unseeded random rows (None = torch's default generator of the device).
-    generator: Optional[torch.Generator]
+    generator: torch.Generator | None
     # Penalties (None when no row has one). Token-id tensors are right-padded with V.
-    presence_penalties: Optional[torch.Tensor]  # [B] float32
-    frequency_penalties: Optional[torch.Tensor]  # [B] float32
-    repetition_penalties: Optional[torch.Tensor]  # [B] float32
-    prompt_token_ids: Optional[torch.Tensor]  # [B, max_prompt_len] int64; only when a repetition penalty is set
-    output_token_ids: Optional[torch.Tensor]  # [B, max_output_len] int64
+    presence_penalties: torch.Tensor | None  # [B] float32
+    frequency_penalties: torch.Tensor | None  # [B] float32
+    repetition_penalties: torch.Tensor | None  # [B] float32
+    prompt_token_ids: torch.Tensor | None  # [B, max_prompt_len] int64; only when a repetition penalty is set
+    output_token_ids: torch.Tensor | None  # [B, max_output_len] int64
     # Flattened (row * V + token) indices into logits.view(-1).
-    logit_bias_indices: Optional[torch.Tensor]  # [num_biases] int64
-    logit_bias_values: Optional[torch.Tensor]  # [num_biases] float32
-    min_tokens_indices: Optional[torch.Tensor]  # [num_masked] int64; set to -inf (stop ids before min_tokens)
+    logit_bias_indices: torch.Tensor | None  # [num_biases] int64
+    logit_bias_values: torch.Tensor | None  # [num_biases] float32
+    min_tokens_indices: torch.Tensor | None  # [num_masked] int64; set to -inf (stop ids before min_tokens)
     logits_processors: list[LogitsProcessorRow]
     # None: no row wants logprobs; k >= 0: return the sampled token's rank and the top-k (k = max over rows).
-    max_num_logprobs: Optional[int]
+    max_num_logprobs: int | None
     # Some row needs the logprob of its sampled token (it asked for logprobs, or it is a best_of child).
     need_sampled_logprobs: bool = False
 
@@ -207,7 +208,7 @@ def _all_plain_greedy(reqs: list[SamplingRequestState]) -> bool:
     return True
 
 
-def _plain_greedy_metadata(generator: Optional[torch.Generator]) -> SamplingMetadata:
+def _plain_greedy_metadata(generator: torch.Generator | None) -> SamplingMetadata:
     """Metadata of an all-greedy batch without penalties, biases, processors, logprobs or min_tokens masks."""
     return SamplingMetadata(
         all_greedy=True, all_random=False, temperature=None, top_k=None, top_p=None, min_p=None, is_greedy=None,
@@ -221,7 +222,7 @@ def build_sampling_metadata(
     reqs: list[SamplingRequestState],
     vocab_size: int,
     device: torch.device | str,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     pin_memory: bool = False,
 ) -> SamplingMetadata:
     """Build this step's SamplingMetadata for the requests that sample (row i = reqs[i]).

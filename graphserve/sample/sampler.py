@@ -6,8 +6,8 @@ penalties → (greedy rows: argmax) → temperature → top-k → top-p → min-
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -26,11 +26,11 @@ class SamplerOutput:
 
     sampled_token_ids: torch.Tensor  # [B] int64
     # [B] float32, raw logprob of the sampled token; None when no row needs it (metadata.need_sampled_logprobs)
-    sampled_logprobs: Optional[torch.Tensor] = None
+    sampled_logprobs: torch.Tensor | None = None
     # Only when metadata.max_num_logprobs is not None (K = max_num_logprobs, may be 0):
-    topk_token_ids: Optional[torch.Tensor] = None  # [B, K] int64
-    topk_logprobs: Optional[torch.Tensor] = None  # [B, K] float32
-    sampled_ranks: Optional[torch.Tensor] = None  # [B] int64, 1 = most likely
+    topk_token_ids: torch.Tensor | None = None  # [B, K] int64
+    topk_logprobs: torch.Tensor | None = None  # [B, K] float32
+    sampled_ranks: torch.Tensor | None = None  # [B] int64, 1 = most likely
 
 
 def _takes_prompt_ids(processor: Callable) -> bool:

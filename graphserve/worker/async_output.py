@@ -7,7 +7,7 @@ device tensor of sampled ids stays alive: the next step reads its decode inputs 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from graphserve.worker.input_batch import CachedRequestState
 
 
-def _to_host(tensor: Optional[torch.Tensor], pin_memory: bool) -> Optional[torch.Tensor]:
+def _to_host(tensor: torch.Tensor | None, pin_memory: bool) -> torch.Tensor | None:
     """Queue a device→host copy, into pinned memory where the platform pins (the tensor itself on the CPU)."""
     if tensor is None or tensor.device.type == "cpu":
         return tensor
@@ -34,18 +34,18 @@ class AsyncModelRunnerOutput:
     def __init__(
         self,
         output: ModelRunnerOutput,  # req_ids and one empty token list per request, filled by get_output()
-        states: list["CachedRequestState"],  # every scheduled request, in output order
+        states: list[CachedRequestState],  # every scheduled request, in output order
         sampling_req_indices: list[int],  # which of them sample (row r of the sampler = states[indices[r]])
-        sampler_output: Optional["SamplerOutput"],
-        platform: Optional["Platform"] = None,  # records the event that marks the copies' end (None: ready)
+        sampler_output: SamplerOutput | None,
+        platform: Platform | None = None,  # records the event that marks the copies' end (None: ready)
     ) -> None:
         self._output = output
         self._states = states
         self._sampling_req_indices = sampling_req_indices
         self._done = sampler_output is None
         # Decode inputs of the next step (see row_of_request).
-        self.sampled_token_ids: Optional[torch.Tensor] = None
-        self._row_of_request: Optional[dict[str, int]] = None
+        self.sampled_token_ids: torch.Tensor | None = None
+        self._row_of_request: dict[str, int] | None = None
         if sampler_output is None:
             return
         self.sampled_token_ids = sampler_output.sampled_token_ids
@@ -56,7 +56,7 @@ class AsyncModelRunnerOutput:
         self._event = platform.record_event() if platform is not None else None
 
     @classmethod
-    def ready(cls, output: ModelRunnerOutput) -> "AsyncModelRunnerOutput":
+    def ready(cls, output: ModelRunnerOutput) -> AsyncModelRunnerOutput:
         """An output that needs no device work (an empty step, or nothing sampled)."""
         return cls(output, [], [], None)
 

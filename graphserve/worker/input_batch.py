@@ -20,7 +20,7 @@ class CachedRequestState:
     req_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    sampling_params: "SamplingParams"
+    sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
     # Shares the token lists above, so a sampled token is appended once for both views.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from graphserve.attention.forward_context import set_forward_context
-from graphserve.sampling_params import SamplingParams
 from graphserve.sample.metadata import SamplingRequestState, build_sampling_metadata
+from graphserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 _GIB = float(1 << 30)

@@ -4,7 +4,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from tests.attention.attention_testutils import attention_inputs
 
 from graphserve.attention.backends.base import PAD_SLOT_ID, AttentionInputs
 from graphserve.attention.backends.paged import PagedAttentionBackend
@@ -14,6 +13,7 @@ from graphserve.attention.forward_context import set_forward_context
 from graphserve.layers.attention import Attention, bind_attention_backend
 from graphserve.platforms.cpu import CpuPlatform
 from graphserve.platforms.kernels import KernelChoice
+from tests.attention.attention_testutils import attention_inputs
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 16, 4
 BACKENDS = [PagedAttentionBackend, TorchSDPABackend]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -223,8 +223,8 @@ def sampling_metadata(num_requests: int = NUM_DECODE_REQUESTS, vocab_size: int =
 
 def sampler(num_rows: int = 64, vocab_size: int = 1024) -> HotPath:
     """`Sampler` on [num_rows, vocab_size] float32 logits with mixed greedy / top-p / top-k rows."""
-    from graphserve.sample.sampler import Sampler
     from graphserve.sample.metadata import build_sampling_metadata
+    from graphserve.sample.sampler import Sampler
 
     reqs = [st.sampling for st in _decode_states(num_rows)]
     metadata = build_sampling_metadata(reqs, vocab_size, "cpu", torch.Generator().manual_seed(0))

@@ -3,10 +3,10 @@
 `perf_gate_session.measure(benchmark, build)` runs the rounds of the hot path `build()` makes through
 `benchmark.pedantic`, with one round of the calibration workload as each round's setup (untimed by
 pytest-benchmark, timed here), so the two are interleaved and see the same machine state. The ratio of their
-medians is compared with perf/baselines/cpu_hot_paths.json. A ratio over the threshold is measured again, up to CONFIRM_ATTEMPTS more
-times, on a freshly built hot path (same rounds, same interleaving, timed here: pytest-benchmark's fixture runs
-once per test). The test fails only when every attempt is over, so a burst of load from a neighbour does not fail
-CI but a real slowdown, which is there every time, does.
+medians is compared with perf/baselines/cpu_hot_paths.json. A ratio over the threshold is measured again, up to
+CONFIRM_ATTEMPTS more times, on a freshly built hot path (same rounds, same interleaving, timed here:
+pytest-benchmark's fixture runs once per test). The test fails only when every attempt is over, so a burst of load
+from a neighbour does not fail CI but a real slowdown, which is there every time, does.
 
 While timing, torch runs single-threaded (on a small shared CI machine a second intra-op thread mostly measures the
 neighbours) and the garbage collector is off (what a full collection costs depends on what the rest of the suite
@@ -19,14 +19,13 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
-
-import pytest
-import torch
 
 import bench_workloads
 import perf_gate
+import pytest
+import torch
 
 CONFIRM_ATTEMPTS = 2
 

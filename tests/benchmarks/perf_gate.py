@@ -6,7 +6,7 @@ ratio of medians `median(hot path round) / median(calibration round)`: a slower 
 slower hot path moves only the first. The gate fails when `measured ratio / baseline ratio` exceeds the
 baseline's threshold (and keeps exceeding it when measured again), which perf/update_baseline.py derives from the
 run-to-run spread it measured (perf/baselines/cpu_hot_paths_spread.json). Refresh the baseline after an intended
-change with `.venv/bin/python perf/update_baseline.py`.
+change with `.venv/bin/python -m perf.update_baseline`.
 
 Environment variables (read by the harness in conftest.py; none is set in CI, so CI gates):
   GRAPHSERVE_PERF_GATE=0                 run the benchmarks but compare nothing (e.g. when running a subset on a
@@ -24,16 +24,16 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
 
 from graphserve.platforms.cpu import CpuPlatform
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_PATH = REPO_ROOT / "perf" / "baselines" / "cpu_hot_paths.json"
 SPREAD_PATH = REPO_ROOT / "perf" / "baselines" / "cpu_hot_paths_spread.json"
-REFRESH_COMMAND = ".venv/bin/python perf/update_baseline.py"
+REFRESH_COMMAND = ".venv/bin/python -m perf.update_baseline"
 
 # Every round is timed in CPU time of the process, not wall time: a round that a busy neighbour pushes off the CPU
 # does not count the time it waited (torch runs single-threaded while timing, so this is the hot path's own time).
@@ -65,7 +65,7 @@ class Measurement:
 
     @classmethod
     def from_samples(cls, samples_s: Iterable[float], calibration_samples_s: Iterable[float],
-                     cpu_share: float) -> "Measurement":
+                     cpu_share: float) -> Measurement:
         """From the per-round times of the hot path and of the calibration."""
         return cls(statistics.median(samples_s), statistics.median(calibration_samples_s), cpu_share)
 
@@ -100,7 +100,7 @@ def compare(name: str, measured_ratio: float, baseline: Mapping) -> Verdict:
     return Verdict(name, float(ratios[name]), measured_ratio, float(threshold))
 
 
-def failure_message(verdict: Verdict, attempts: list[Measurement], recorded_on: Optional[Mapping] = None) -> str:
+def failure_message(verdict: Verdict, attempts: list[Measurement], recorded_on: Mapping | None = None) -> str:
     """What a failing gate prints: the hot path, both ratios, the slowdown factor, every attempt, what to do."""
     lines = [
         f"CPU hot path {verdict.name!r} is {verdict.slowdown:.2f}x slower than its baseline "
@@ -119,7 +119,7 @@ def failure_message(verdict: Verdict, attempts: list[Measurement], recorded_on: 
     return "\n".join(lines)
 
 
-def parse_slowdowns(spec: Optional[str], known: Iterable[str]) -> dict[str, float]:
+def parse_slowdowns(spec: str | None, known: Iterable[str]) -> dict[str, float]:
     """Parse GRAPHSERVE_BENCH_INJECT_SLOWDOWN ("scheduler:1.5,sampler:2") into {name: factor}."""
     if not spec or not spec.strip():
         return {}
@@ -182,7 +182,7 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def baseline_mismatch(recorded: Mapping, current: Mapping) -> Optional[str]:
+def baseline_mismatch(recorded: Mapping, current: Mapping) -> str | None:
     """Why a baseline does not apply here, or None when it does.
 
     The calibration absorbs a machine that is uniformly faster or slower, or busier; it cannot absorb a change in
@@ -199,7 +199,7 @@ def baseline_mismatch(recorded: Mapping, current: Mapping) -> Optional[str]:
     return None
 
 
-def load_baseline(path: Path = BASELINE_PATH) -> Optional[dict]:
+def load_baseline(path: Path = BASELINE_PATH) -> dict | None:
     """The committed baseline, or None when there is none yet."""
     if not path.exists():
         return None

@@ -6,10 +6,9 @@ than the baseline's threshold slower than the recorded one. `-m "not benchmark"`
 """
 import functools
 
-import pytest
-
 import bench_workloads
 import perf_gate
+import pytest
 
 pytestmark = pytest.mark.benchmark(group="cpu-hot-paths", timer=perf_gate.TIMER)
 

@@ -2,9 +2,8 @@
 slowdown hook, the threshold derivation and when a baseline applies."""
 import json
 
-import pytest
-
 import perf_gate
+import pytest
 
 BASELINE = {"threshold": 1.25, "ratios": {"scheduler": 0.8, "sampler": 2.0}}
 

@@ -5,7 +5,6 @@ import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 from graphserve.config import CacheConfig, SchedulerConfig
 from graphserve.core.async_scheduler import create_scheduler
@@ -35,8 +34,8 @@ def make_request(
     prompt_len: int = 0,
     max_tokens: int = 16,
     eos_token_ids=(EOS_ID,),
-    prompt: Optional[list[int]] = None,
-    cache_salt: Optional[str] = None,
+    prompt: list[int] | None = None,
+    cache_salt: str | None = None,
     **params,
 ) -> Request:
     """A request with the given prompt, or a deterministic one of `prompt_len`; extra kwargs go to SamplingParams."""
@@ -80,7 +79,7 @@ class _RunnerState:
     token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int] = field(default_factory=list)
-    salt: Optional[str] = None
+    salt: str | None = None
     fingerprints: list[int] = field(default_factory=list)  # fingerprints[i]: of (salt, token_ids[:i + 1])
 
     def fingerprint(self, pos: int) -> int:
@@ -109,7 +108,7 @@ class FakeRunner:
         self.states: dict[str, _RunnerState] = {}
         self.force_eos: set[str] = set()
         self.kv: dict[int, int] = {}  # slot -> fingerprint of the position written there
-        self.prefixes: dict[int, tuple[Optional[str], tuple[int, ...]]] = {}  # fingerprint -> (salt, prefix)
+        self.prefixes: dict[int, tuple[str | None, tuple[int, ...]]] = {}  # fingerprint -> (salt, prefix)
 
     def _apply(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -180,7 +179,7 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, lis
     return so, scheduler.update_from_output(so, runner.execute_model(so))
 
 
-def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: Optional[str]) -> list[bytes]:
+def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None) -> list[bytes]:
     """The hash chain of the full blocks of `token_ids`, rebuilt from the spec (salt in the first block only)."""
     hashes: list[bytes] = []
     for i in range(len(token_ids) // block_size):
@@ -190,7 +189,7 @@ def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: Op
     return hashes
 
 
-def check_invariants(scheduler: Scheduler, runner: Optional[FakeRunner] = None) -> None:
+def check_invariants(scheduler: Scheduler, runner: FakeRunner | None = None) -> None:
     """Integrity of the pool, the block tables, the prefix-cache index and the queues."""
     kv = scheduler.kv_cache_manager
     pool = kv.block_pool
@@ -220,7 +219,7 @@ def check_invariants(scheduler: Scheduler, runner: Optional[FakeRunner] = None) 
     check_prefix_cache(scheduler, runner)
 
 
-def check_prefix_cache(scheduler: Scheduler, runner: Optional[FakeRunner] = None) -> None:
+def check_prefix_cache(scheduler: Scheduler, runner: FakeRunner | None = None) -> None:
     """hash -> block index consistent; cached blocks full, computed and matching their hash chain."""
     kv = scheduler.kv_cache_manager
     pool = kv.block_pool
@@ -257,7 +256,7 @@ def _check_block_content(runner: FakeRunner, block, block_size: int) -> None:
     assert reference_block_hashes(list(prefix), block_size, salt)[-1] == block.block_hash
 
 
-def find_output(outputs: list[EngineCoreOutput], req_id: str) -> Optional[EngineCoreOutput]:
+def find_output(outputs: list[EngineCoreOutput], req_id: str) -> EngineCoreOutput | None:
     """The output of one request in a step's outputs, or None."""
     matches = [o for o in outputs if o.req_id == req_id]
     assert len(matches) <= 1

@@ -3,8 +3,8 @@ import hashlib
 import struct
 
 import pytest
-
 from core_testutils import make_prompt, make_request, reference_block_hashes
+
 from graphserve.core.block_pool import BlockPool
 from graphserve.core.kv_cache_manager import KVCacheManager
 from graphserve.core.kv_cache_utils import NONE_HASH, extend_block_hashes, hash_block_tokens

@@ -1,6 +1,5 @@
 """Scheduler: token budget, chunked prefill, FCFS, max_num_seqs, preemption, stops, aborts, outputs."""
 import pytest
-
 from core_testutils import (
     EOS_ID,
     FakeRunner,
@@ -13,6 +12,7 @@ from core_testutils import (
     prompt_seed,
     step,
 )
+
 from graphserve.config import CacheConfig, SchedulerConfig
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler import Scheduler

@@ -4,6 +4,7 @@ The fake runner simulates the KV cache (see core_testutils.FakeRunner): every hi
 its own prefix, and no shared or cached block is ever written.
 """
 from core_testutils import FakeRunner, check_invariants, find_output, make_prompt, make_request, make_scheduler, step
+
 from graphserve.core.request import RequestStatus
 
 

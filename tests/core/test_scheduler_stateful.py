@@ -7,10 +7,6 @@ the fake runner checks that every position a request attends to holds its own pr
 With async scheduling the machine keeps one step in flight: step N+1 is scheduled and run before step N's output
 is booked, as the engine core does on GPUs (the fake runner, like the device, knows N's tokens when it runs N+1).
 """
-from hypothesis import HealthCheck, event, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from core_testutils import (
     EOS_ID,
     FakeRunner,
@@ -20,6 +16,10 @@ from core_testutils import (
     make_scheduler,
     next_token,
 )
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from graphserve.core.kv_cache_manager import cdiv
 from graphserve.core.request import RequestStatus
 

@@ -3,9 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphserve.layers.linear import (ColumnParallelLinear, LinearMethodBase, MergedColumnParallelLinear,
-                                      QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
-                                      UnquantizedLinearMethod, set_weight_attrs)
+from graphserve.layers.linear import (
+    ColumnParallelLinear,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+    set_weight_attrs,
+)
 from graphserve.layers.logits_processor import LogitsProcessor
 from graphserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 

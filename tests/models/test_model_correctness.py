@@ -1,6 +1,6 @@
 """graphserve models vs transformers on tiny random checkpoints: full-prompt logits in fp32."""
-import dataclasses
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -58,9 +58,8 @@ def test_sliding_window_is_applied(name, sliding_layers, tiny_checkpoint, prompt
 
 
 def test_qwen2_without_use_sliding_window_has_no_window(tmp_path):
-    from transformers import Qwen2Config
-
     from model_testutils import TINY
+    from transformers import Qwen2Config
 
     Qwen2Config(**TINY, sliding_window=8, use_sliding_window=False, architectures=["Qwen2ForCausalLM"]) \
         .save_pretrained(tmp_path)

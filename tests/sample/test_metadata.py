@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from graphserve.sampling_params import SamplingParams
 from graphserve.sample.metadata import (
     SamplingRequestState,
     _position_seed,
     build_sampling_metadata,
 )
+from graphserve.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCAB = 10

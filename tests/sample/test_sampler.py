@@ -6,8 +6,8 @@ import torch
 
 from graphserve.ops.sampling import apply_top_k_top_p
 from graphserve.sample import Sampler, SamplerOutput, compute_topk_logprobs
-from graphserve.sampling_params import SamplingParams
 from graphserve.sample.metadata import SamplingRequestState, build_sampling_metadata
+from graphserve.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 sampler = Sampler()

@@ -1,1 +1,2 @@
-"""Attention backends: `base` defines the interface, `registry` picks one per platform (lazily)."""
+"""Attention backends: `base` defines the interface, `registry` names them (imported lazily), the platform
+picks the default and `--attention-backend` another."""

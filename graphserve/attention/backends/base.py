@@ -157,7 +157,7 @@ class AttentionBackend(ABC):
             )
 
     @classmethod
-    def graph_blockers(cls, kernel_choices: dict[str, "KernelChoice"]) -> list[str]:
+    def graph_blockers(cls, kernel_choices: dict[str, KernelChoice]) -> list[str]:
         """Why decode graphs cannot capture this backend here (empty when they can)."""
         if not cls.supports_cuda_graphs:
             return [f"the {cls.name} attention backend"]

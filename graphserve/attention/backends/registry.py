@@ -32,12 +32,12 @@ def validate_backend_name(name: str) -> str:
     return canonical
 
 
-def get_attn_backend(name: str) -> type["AttentionBackend"]:
+def get_attn_backend(name: str) -> type[AttentionBackend]:
     """The backend class registered under `name` (case-insensitive)."""
     module_name, cls_name = _BACKENDS[validate_backend_name(name)].split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def select_attn_backend(platform: "Platform", name: str | None = None) -> type["AttentionBackend"]:
+def select_attn_backend(platform: Platform, name: str | None = None) -> type[AttentionBackend]:
     """The explicitly requested backend, else the platform's default."""
     return get_attn_backend(name if name is not None else platform.default_attention_backend)

@@ -13,9 +13,10 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -51,7 +52,7 @@ class ServerSettings:
     """What the app needs besides the engine config (from the server flags)."""
 
     served_model_names: list[str]
-    api_key: Optional[str] = None
+    api_key: str | None = None
     response_role: str = "assistant"
     log_requests: bool = True
     max_n: int = 16
@@ -66,18 +67,18 @@ class ServerSettings:
 class ServerState:
     """The app's mutable state: the engine once loaded, the endpoint handlers, starting / draining flags."""
 
-    def __init__(self, config: EngineConfig, settings: ServerSettings, chat_template: Optional[str]) -> None:
+    def __init__(self, config: EngineConfig, settings: ServerSettings, chat_template: str | None) -> None:
         self.config = config
         self.settings = settings
         self.chat_template = chat_template
         self.prometheus = PrometheusStatLogger(settings.served_model_names[0], config.model_config.max_model_len)
-        self.engine: Optional[AsyncLLM] = None
-        self.load_error: Optional[BaseException] = None
+        self.engine: AsyncLLM | None = None
+        self.load_error: BaseException | None = None
         self.ready = False
         self.draining = False
         self.on_ready: list = []  # callbacks(state) once the engine serves
         self.on_load_failure: list = []  # callbacks(state) when it could not load
-        self._stats_task: Optional[asyncio.Task] = None
+        self._stats_task: asyncio.Task | None = None
 
     def _build_engine(self) -> AsyncLLM:
         return AsyncLLM(self.config, chat_template=self.chat_template, log_requests=self.settings.log_requests,
@@ -88,7 +89,7 @@ class ServerState:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
-        def settle(error: Optional[BaseException], engine: Optional[AsyncLLM]) -> None:
+        def settle(error: BaseException | None, engine: AsyncLLM | None) -> None:
             if future.done():
                 return
             if error is not None:
@@ -212,7 +213,7 @@ async def reset_prefix_cache(raw_request: Request) -> JSONResponse:
     return JSONResponse({"success": True})
 
 
-def build_app(config: EngineConfig, settings: ServerSettings, chat_template: Optional[str] = None) -> FastAPI:
+def build_app(config: EngineConfig, settings: ServerSettings, chat_template: str | None = None) -> FastAPI:
     """The FastAPI app; the engine loads in the background once the app starts (lifespan)."""
     state = ServerState(config, settings, chat_template)
 
@@ -295,8 +296,8 @@ def base_url(sock: socket.socket, host: str) -> str:
 def usage_banner(url: str, model: str, api_key: bool) -> str:
     """What `graphserve serve` prints once ready: where it serves and a curl to try."""
     auth = ' -H "Authorization: Bearer $GRAPHSERVE_API_KEY"' if api_key else ""
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
-            '"max_tokens": 32, "temperature": 0}' % model)
+    body = ('{"model": "' + model + '", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
+            '"max_tokens": 32, "temperature": 0}')
     return (
         f"graphserve {__version__} is serving {model} at {url} (OpenAI-compatible API under /v1)\n"
         f"Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import http
 import logging
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,14 +37,14 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\])$")
 class OpenAIError(Exception):
     """A failure to answer with OpenAI's error body and the given HTTP status."""
 
-    def __init__(self, message: str, status_code: int = 400, param: Optional[str] = None) -> None:
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.param = param
 
     @classmethod
-    def bad_request(cls, error: Exception, fields: Iterable[str] = ()) -> "OpenAIError":
+    def bad_request(cls, error: Exception, fields: Iterable[str] = ()) -> OpenAIError:
         """A 400 from a ValueError; `param` is the field its message starts with, when that is a request field."""
         message = str(error)
         match = _LEADING_NAME.match(message)
@@ -51,19 +52,19 @@ class OpenAIError(Exception):
         return cls(message, 400, param)
 
 
-def error_body(message: str, status_code: int, param: Optional[str] = None) -> dict[str, Any]:
+def error_body(message: str, status_code: int, param: str | None = None) -> dict[str, Any]:
     """The JSON body of an error."""
     err_type = _ERROR_TYPES.get(status_code) or http.HTTPStatus(status_code).phrase.replace(" ", "") + "Error"
     return ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=status_code)).model_dump()
 
 
-def error_response(message: str, status_code: int, param: Optional[str] = None,
-                   headers: Optional[dict[str, str]] = None) -> JSONResponse:
+def error_response(message: str, status_code: int, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     """An error as a JSON response."""
     return JSONResponse(error_body(message, status_code, param), status_code=status_code, headers=headers)
 
 
-def format_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]]:
+def format_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """pydantic's error list as one message, and the first offending field as `param`."""
     parts: list[str] = []
     param = None

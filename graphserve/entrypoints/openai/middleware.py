@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from graphserve.entrypoints.openai.errors import error_body
 
@@ -20,7 +21,7 @@ class RequestTooLarge(Exception):
     """A chunked request body went past the size limit while being read."""
 
 
-async def send_error(send: Callable, message: str, status_code: int, headers: Optional[dict[str, str]] = None) -> None:
+async def send_error(send: Callable, message: str, status_code: int, headers: dict[str, str] | None = None) -> None:
     """Answer with OpenAI's error body straight on the ASGI channel."""
     body = json.dumps(error_body(message, status_code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -32,7 +33,7 @@ async def send_error(send: Callable, message: str, status_code: int, headers: Op
 class ServerGuardMiddleware:
     """Refuses what must not reach the endpoints; `state` says whether the server is ready or draining."""
 
-    def __init__(self, app: Any, state: Any, api_key: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, app: Any, state: Any, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
         self.state = state
         self._api_key = api_key.encode() if api_key else None
@@ -88,7 +89,7 @@ class ServerGuardMiddleware:
         return limited_receive
 
 
-def _header(scope: dict, name: bytes) -> Optional[str]:
+def _header(scope: dict, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")

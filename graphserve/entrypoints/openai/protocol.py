@@ -6,7 +6,7 @@ OpenAI and vLLM do). Value ranges are checked once, by SamplingParams, whose mes
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,41 +24,41 @@ class OpenAIBaseModel(BaseModel):
 class StreamOptions(OpenAIBaseModel):
     """`stream_options`: include_usage adds a last chunk with the token counts."""
 
-    include_usage: Optional[bool] = False
+    include_usage: bool | None = False
 
 
 class SamplingRequest(OpenAIBaseModel):
     """Fields that completions and chat share, including vLLM's extras (sent by the openai client's extra_body)."""
 
-    model: Optional[str] = None
-    n: Optional[int] = 1
-    best_of: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
-    stop: Union[str, list[str], None] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    model: str | None = None
+    n: int | None = 1
+    best_of: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     # vLLM's extra sampling fields
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    prompt_logprobs: Optional[int] = None
+    prompt_logprobs: int | None = None
     # Prefix-cache isolation: requests with different salts never share cached KV blocks.
-    cache_salt: Optional[str] = None
+    cache_salt: str | None = None
 
     @model_validator(mode="after")
-    def _check_stream_options(self) -> "SamplingRequest":
+    def _check_stream_options(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         if self.cache_salt is not None and not self.cache_salt:
@@ -66,7 +66,7 @@ class SamplingRequest(OpenAIBaseModel):
         return self
 
     def to_sampling_params(
-        self, max_tokens: Optional[int], logprobs: Optional[int], prompt_logprobs: Optional[int],
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
         default_temperature: float = 1.0,
     ) -> SamplingParams:
         """The engine's SamplingParams (raises ValueError naming the field when a value is out of range)."""
@@ -104,11 +104,11 @@ class SamplingRequest(OpenAIBaseModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    suffix: Optional[str] = None
-    max_tokens: Optional[int] = 16
-    echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = 16
+    echo: bool | None = False
+    logprobs: int | None = None
     add_special_tokens: bool = True
 
 
@@ -116,10 +116,10 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions (messages are checked by the input processor: roles, text parts)."""
 
     messages: list[dict[str, Any]]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True
     # The chat template already holds BOS and the other special tokens.
     add_special_tokens: bool = False
@@ -128,15 +128,15 @@ class ChatCompletionRequest(SamplingRequest):
 class TokenizeRequest(OpenAIBaseModel):
     """POST /tokenize: a prompt, or chat messages rendered through the chat template."""
 
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[dict[str, Any]]] = None
-    add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
     @model_validator(mode="after")
-    def _check_one_input(self) -> "TokenizeRequest":
+    def _check_one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
         return self
@@ -145,7 +145,7 @@ class TokenizeRequest(OpenAIBaseModel):
 class DetokenizeRequest(OpenAIBaseModel):
     """POST /detokenize."""
 
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]
 
 
@@ -167,7 +167,7 @@ class ErrorInfo(ResponseModel):
 
     message: str
     type: str
-    param: Optional[str] = None
+    param: str | None = None
     code: int
 
 
@@ -181,9 +181,9 @@ class CompletionLogProbs(ResponseModel):
     """The legacy completions logprobs shape."""
 
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(ResponseModel):
@@ -191,9 +191,9 @@ class CompletionResponseChoice(ResponseModel):
 
     index: int
     text: str
-    logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(ResponseModel):
@@ -204,7 +204,7 @@ class CompletionResponse(ResponseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionResponseChoice]
-    usage: Optional[UsageInfo] = None
+    usage: UsageInfo | None = None
 
 
 class ChatCompletionLogProb(ResponseModel):
@@ -212,7 +212,7 @@ class ChatCompletionLogProb(ResponseModel):
 
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatCompletionLogProbsContent(ChatCompletionLogProb):
@@ -224,14 +224,14 @@ class ChatCompletionLogProbsContent(ChatCompletionLogProb):
 class ChatCompletionLogProbs(ResponseModel):
     """`choices[i].logprobs` of a chat completion."""
 
-    content: Optional[list[ChatCompletionLogProbsContent]] = None
+    content: list[ChatCompletionLogProbsContent] | None = None
 
 
 class ChatMessage(ResponseModel):
     """The assistant's reply."""
 
     role: str
-    content: Optional[str] = None
+    content: str | None = None
 
 
 class ChatCompletionResponseChoice(ResponseModel):
@@ -239,9 +239,9 @@ class ChatCompletionResponseChoice(ResponseModel):
 
     index: int
     message: ChatMessage
-    logprobs: Optional[ChatCompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -258,8 +258,8 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     """What a streamed chat chunk adds to a reply."""
 
-    role: Optional[str] = None
-    content: Optional[str] = None
+    role: str | None = None
+    content: str | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):
@@ -267,9 +267,9 @@ class ChatCompletionStreamChoice(ResponseModel):
 
     index: int
     delta: DeltaMessage
-    logprobs: Optional[ChatCompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionStreamResponse(ResponseModel):
@@ -280,7 +280,7 @@ class ChatCompletionStreamResponse(ResponseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: Optional[UsageInfo] = None
+    usage: UsageInfo | None = None
 
 
 class ModelCard(ResponseModel):
@@ -290,9 +290,9 @@ class ModelCard(ResponseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "graphserve"
-    root: Optional[str] = None
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(ResponseModel):
@@ -308,7 +308,7 @@ class TokenizeResponse(ResponseModel):
     count: int
     max_model_len: int
     tokens: list[int]
-    token_strs: Optional[list[str]] = None
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(ResponseModel):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Sequence
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,7 +44,7 @@ def _logprob_entry(lp: Logprob) -> ChatCompletionLogProb:
 
 
 def chat_logprobs(
-    token_ids: Sequence[int], steps: Optional[Sequence[dict[int, Logprob]]], num_top: int
+    token_ids: Sequence[int], steps: Sequence[dict[int, Logprob]] | None, num_top: int
 ) -> ChatCompletionLogProbs:
     """OpenAI's chat shape: per generated token its logprob and the `num_top` most likely tokens, by rank."""
     content = []
@@ -71,10 +71,10 @@ class _Chat:
     model: str
     n: int
     role: str
-    num_top_logprobs: Optional[int]  # None: no logprobs asked
+    num_top_logprobs: int | None  # None: no logprobs asked
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def logprobs(self, completion: CompletionOutput) -> Optional[ChatCompletionLogProbs]:
+    def logprobs(self, completion: CompletionOutput) -> ChatCompletionLogProbs | None:
         """The completion's (new) tokens' logprobs, when asked for."""
         if self.num_top_logprobs is None:
             return None
@@ -136,7 +136,7 @@ class OpenAIServingChat(OpenAIServing):
         return JSONResponse(response.model_dump())
 
     def _chunk(self, ctx: _Chat, choices: list[ChatCompletionStreamChoice],
-               usage: Optional[UsageInfo] = None) -> str:
+               usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionStreamResponse(id=ctx.request_id, created=ctx.created, model=ctx.model,
                                              choices=choices, usage=usage)
         return sse(chunk.model_dump_json())

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,7 +40,7 @@ def clamp_logprob(value: float) -> float:
 
 
 def append_completion_logprobs(
-    out: CompletionLogProbs, token_ids: Sequence[int], steps: Sequence[Optional[dict[int, Logprob]]],
+    out: CompletionLogProbs, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None],
     decode: Callable[[int], str], text_offset: int,
 ) -> int:
     """Append tokens in the legacy shape (the chosen token and the top-k per position); returns the next offset.
@@ -64,7 +64,7 @@ def append_completion_logprobs(
     return text_offset
 
 
-def _prompt_list(prompt: Union[str, list[str], list[int], list[list[int]]]) -> list[Union[str, list[int]]]:
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
@@ -192,7 +192,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 stream.abort()
 
     def _stream_choice(self, ctx: _Completion, i: int, output: RequestOutput, completion,
-                       offsets: dict[int, int]) -> tuple[Optional[CompletionResponseChoice], int]:
+                       offsets: dict[int, int]) -> tuple[CompletionResponseChoice | None, int]:
         """One streamed choice for a DELTA completion (None when it carries nothing), and its new token count."""
         request = ctx.request
         index = i * ctx.n + completion.index

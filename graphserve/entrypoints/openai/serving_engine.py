@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -76,8 +77,8 @@ async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple
 async def last_output(stream: RequestStream) -> RequestOutput:
     """The final output of a request (its only one when FINAL_ONLY)."""
     output = None
-    async for output in stream:
-        pass
+    async for item in stream:
+        output = item
     if output is None:
         raise RuntimeError(f"request {stream.request_id} ended without output")
     return output
@@ -122,7 +123,7 @@ class OpenAIServing:
         """The name responses report (the first served name)."""
         return self.served_model_names[0]
 
-    def check_model(self, model: Optional[str]) -> None:
+    def check_model(self, model: str | None) -> None:
         """404 unless `model` is one of the served names (a missing model means the served one)."""
         if model is not None and model not in self.served_model_names:
             raise OpenAIError(f"The model `{model}` does not exist.", 404, "model")
@@ -140,7 +141,7 @@ class OpenAIServing:
 
     def add_requests(
         self, request_id: str, prompts: Sequence[Any], params: SamplingParams, add_special_tokens: bool,
-        cache_salt: Optional[str] = None,
+        cache_salt: str | None = None,
     ) -> list[RequestStream]:
         """Queue one engine request per prompt; all or none (a bad prompt aborts the ones already queued)."""
         streams: list[RequestStream] = []

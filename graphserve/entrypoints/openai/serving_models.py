@@ -1,7 +1,7 @@
 """GET /v1/models: the names this server answers to."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from graphserve.entrypoints.openai.protocol import ModelCard, ModelList
 

@@ -29,7 +29,7 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -20,8 +20,6 @@ probability ratio sits within rounding of min_p.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -103,7 +101,7 @@ def _launch_penalty_pass(kernel, ids: torch.Tensor, counts: torch.Tensor, *args,
 def apply_penalties(
     logits: torch.Tensor,  # [B, V] float32, penalized in place
     output_token_ids: torch.Tensor,  # [B, max_output_len] int64, right-padded with V
-    prompt_token_ids: Optional[torch.Tensor],  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
+    prompt_token_ids: torch.Tensor | None,  # [B, max_prompt_len] int64, right-padded with V; None: no repetition
     presence_penalties: torch.Tensor,  # [B] float32
     frequency_penalties: torch.Tensor,  # [B] float32
     repetition_penalties: torch.Tensor,  # [B] float32
@@ -276,9 +274,9 @@ def apply_sampling_filters(
     out: torch.Tensor,  # [B, V] float32
     logits: torch.Tensor,  # [B, V]
     temperature: torch.Tensor,  # [B] float32
-    top_k: Optional[torch.Tensor],  # [B] int64 in [1, V]; V = off
-    top_p: Optional[torch.Tensor],  # [B] float32 in (0, 1]; 1 = off
-    min_p: Optional[torch.Tensor],  # [B] float32; 0 = off
+    top_k: torch.Tensor | None,  # [B] int64 in [1, V]; V = off
+    top_p: torch.Tensor | None,  # [B] float32 in (0, 1]; 1 = off
+    min_p: torch.Tensor | None,  # [B] float32; 0 = off
     num_pivots: int = NUM_PIVOTS,
     num_warps: int = 8,
     accumulate_2d: bool = True,
