@@ -27,7 +27,7 @@ for its cache directory: it reads TORCHINDUCTOR_CACHE_DIR when it resolves the d
 environment to its compile workers. So `create_forward_fn` exports it (through `envs`) on the engine's
 start-up path, before the first compile, and never at import.
 
-Known limit: dynamo keeps its compiled graphs on the code object of `forward`, shared by every model instance
-of a class, so each further compiled model in one process counts as a recompile of that code (dynamo's
-`recompile_limit`, 8 by default, bounds how many compiled engines one process can hold).
+Dynamo keeps its compiled graphs on the code object of the function it compiles. `CompiledForward` compiles each
+model's `forward` over a private copy of that code object, so engines in one process never count as recompiles
+of each other (without it, the eighth compiled engine of a process hit dynamo's `recompile_limit`).
 """

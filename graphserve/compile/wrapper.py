@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ class CompiledForward:
         self.inductor_options = dict(inductor_options or {})
         self.num_compiles = 0
         self.compile_seconds = 0.0
-        self._compiled = torch.compile(forward, fullgraph=True, backend=self._backend)
+        self._compiled = torch.compile(_private_code(forward), fullgraph=True, backend=self._backend)
         compilation_counter.num_models_compiled += 1
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -63,6 +64,26 @@ class CompiledForward:
         torch._dynamo.decorators.mark_unbacked(input_ids, 0)
         torch._dynamo.decorators.mark_unbacked(positions, 0)
         return self._compiled(input_ids, positions)
+
+
+def _private_code(forward: ForwardFn) -> ForwardFn:
+    """`forward` (a bound method) re-bound over a private copy of its function's code object.
+
+    Dynamo keeps compiled graphs, and counts recompiles, per code object. Every model of a class shares
+    `forward.__code__`, so each further engine in a process (a test suite, a notebook, a draft model beside its
+    target) would count as a recompile of the first one's forward, and the eighth would hit dynamo's
+    recompile_limit even after the others were freed. A copy per model gives each model its own cache, freed
+    with it.
+    """
+    func = getattr(forward, "__func__", None)
+    if func is None:  # a plain function: nothing shared with other models
+        return forward
+    clone = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                               func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    clone.__qualname__ = func.__qualname__
+    clone.__dict__.update(func.__dict__)
+    return types.MethodType(clone, forward.__self__)
 
 
 def create_forward_fn(model: torch.nn.Module, compilation_config: CompilationConfig) -> ForwardFn:

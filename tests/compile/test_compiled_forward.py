@@ -102,3 +102,27 @@ def test_graph_runner_reuses_the_compiled_graph(engines):
     with torch.inference_mode(), set_forward_context(md, [kv.clone() for kv in runner.kv_caches]):
         eager = runner.model.forward(torch.tensor([7, 8, 9]), torch.tensor([0, 0, 0]))
     torch.testing.assert_close(hidden, eager, rtol=1e-5, atol=1e-5)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return (input_ids * self.scale + positions).float().unsqueeze(1)
+
+
+def test_many_models_of_one_class_compile_once_each():
+    """Twelve models of one class in one process: each compiles its own graph once and none counts as a
+    recompile of another (dynamo's recompile_limit of 8 would stop the ninth if they shared a code object)."""
+    from graphserve.compile.wrapper import CompiledForward
+
+    ids, pos = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    models = [_Tiny(float(i)) for i in range(12)]
+    forwards = [CompiledForward(m.forward) for m in models]
+    for i, fwd in enumerate(forwards):
+        torch.testing.assert_close(fwd(ids, pos), models[i](ids, pos))
+        torch.testing.assert_close(fwd(ids[:2], pos[:2]), models[i](ids[:2], pos[:2]))  # the same graph
+    assert [fwd.num_compiles for fwd in forwards] == [1] * 12
+    assert models[3].forward.__code__ is _Tiny.forward.__code__  # the models themselves are untouched
