@@ -27,3 +27,19 @@ def test_import_layering_contracts_hold():
     result = _run("lint-imports", "--no-cache")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_only_the_platform_layer_names_a_vendor_api():
+    """Events, streams, graphs, memory queries and device checks go through `graphserve.platforms`; the
+    exceptions are the Triton kernels themselves, the GPU microbenchmarks and the version report."""
+    allowed = ("graphserve/platforms/", "graphserve/ops/triton/", "graphserve/benchmarks/",
+               "graphserve/entrypoints/env_info.py")
+    offenders = []
+    for directory, _, files in os.walk(os.path.join(ROOT, "graphserve")):
+        for name in files:
+            path = os.path.relpath(os.path.join(directory, name), ROOT)
+            if not name.endswith(".py") or path.startswith(allowed):
+                continue
+            with open(os.path.join(ROOT, path)) as f:
+                offenders += [f"{path}:{i}" for i, line in enumerate(f, 1) if "torch.cuda" in line]
+    assert offenders == []

@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from graphserve.attention.backends.base import AttentionInputs
+
+# The geometry of the attention tests: 4 query heads over 2 KV heads (GQA 2:1), head size 16, blocks of 4.
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 16, 4
+
+
+def random_qkv(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded q [num_tokens, NUM_HEADS * HEAD_SIZE], k and v [num_tokens, NUM_KV_HEADS * HEAD_SIZE]."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(num_tokens, NUM_HEADS * HEAD_SIZE, generator=g),
+        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
+        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
+    )
 
 
 def attention_inputs(query_lens, seq_lens, block_tables, block_size) -> AttentionInputs:

@@ -13,19 +13,17 @@ from graphserve.attention.forward_context import set_forward_context
 from graphserve.layers.attention import Attention, bind_attention_backend
 from graphserve.platforms.cpu import CpuPlatform
 from graphserve.platforms.kernels import KernelChoice
-from tests.attention.attention_testutils import attention_inputs
+from tests.attention.attention_testutils import (
+    BLOCK_SIZE,
+    HEAD_SIZE,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    attention_inputs,
+    random_qkv,
+)
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 16, 4
 BACKENDS = [PagedAttentionBackend, TorchSDPABackend]
-
-
-def _qkv(num_tokens, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(num_tokens, NUM_HEADS * HEAD_SIZE, generator=g),
-        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
-        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
-    )
+_qkv = random_qkv
 
 
 def _builder(backend, max_num_reqs=8, max_num_tokens=256, max_model_len=64):

@@ -5,17 +5,16 @@ import torch
 from graphserve.attention.backends.paged import PagedAttentionBackend
 from graphserve.attention.forward_context import get_forward_context, set_forward_context
 from graphserve.layers.attention import Attention
+from tests.attention.attention_testutils import (
+    BLOCK_SIZE,
+    HEAD_SIZE,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    attention_inputs,
+    random_qkv,
+)
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 16, 4
-
-
-def _qkv(num_tokens, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(num_tokens, NUM_HEADS * HEAD_SIZE, generator=g),
-        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
-        torch.randn(num_tokens, NUM_KV_HEADS * HEAD_SIZE, generator=g),
-    )
+_qkv = random_qkv
 
 
 def _kv_cache(num_blocks):
@@ -23,8 +22,6 @@ def _kv_cache(num_blocks):
 
 
 def _metadata(query_lens, seq_lens, block_tables):
-    from tests.attention.attention_testutils import attention_inputs
-
     builder = PagedAttentionBackend.get_builder_cls()(BLOCK_SIZE, 8, 64, 64, torch.device("cpu"), False)
     return builder.build(attention_inputs(query_lens, seq_lens, block_tables, BLOCK_SIZE))
 

@@ -51,12 +51,12 @@ class SDPAMetadataBuilder(PagedAttentionMetadataBuilder):
         )
 
     def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
-        """Not capturable: the impl loops on the host."""
-        return AttentionMetadataBuilder.build_for_capture(self, num_reqs)
+        """Not capturable: the impl loops on the host (TorchSDPABackend.supports_cuda_graphs is False)."""
+        raise NotImplementedError("the TORCH_SDPA attention backend cannot be captured in CUDA/HIP graphs")
 
     def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
         """Not capturable: the impl loops on the host."""
-        AttentionMetadataBuilder.prepare_for_replay(self, inputs, num_padded_reqs)
+        raise NotImplementedError("the TORCH_SDPA attention backend cannot be captured in CUDA/HIP graphs")
 
 
 class SDPAImpl(AttentionImpl):
