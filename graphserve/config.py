@@ -43,6 +43,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     sliding_window: int | None = None
     seed: int = 0
+    quantization: str | None = None  # awq | gptq | squeezellm (graphserve/quantization), None = unquantized
+    quantization_config: dict[str, Any] | None = None  # the checkpoint's config of that method, validated
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""`graphserve bench ops`: attention op microbenchmarks against the device's measured ceilings (GPU only).
+"""`graphserve bench ops`: attention and quantized-GEMM op microbenchmarks against the device's ceilings (GPU only).
 
 Paged decode attention bandwidth (GB/s: every cached K/V of every context read once, as a fraction of the copy
 ceiling), paged prefill attention TFLOP/s (causal pairs only; torch SDPA on the same dense shape next to it, as a
 fraction of the matmul ceiling) and the cache-write bandwidth, plus this run's own copy bandwidth. The shape is
-Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128) unless overridden.
+Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128) unless overridden. Then the quantized GEMM at
+Llama-3-8B's four projection shapes: bandwidth of the packed weights it reads, and the dense GEMM beside it.
 
     graphserve bench ops --out perf/results/h200/attention_ops.json
 """
@@ -21,6 +22,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads")
     parser.add_argument("--head-dim", type=int, default=128, help="head size")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="data type")
+    parser.add_argument("--quant-batch-sizes", type=int, nargs="*", default=[1, 16, 64, 256],
+                        help="rows of the quantized GEMM points (none: skip them)")
+    parser.add_argument("--quant-bits", type=int, default=4, choices=[2, 4, 8], help="bits of the quantized GEMMs")
+    parser.add_argument("--quant-group-size", type=int, default=128, help="group size of the quantized GEMMs")
+    parser.add_argument("--quant-decode-variants", default="",
+                        help='also time decode tile variants of the fused kernel: "BLOCK_N,BLOCK_K,warps,stages;..."')
     parser.add_argument("--out", default=None, help="write the JSON record to this file")
     return parser
 
@@ -32,7 +39,11 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ValueError("graphserve bench ops times GPU kernels; no GPU is visible")
     from graphserve.benchmarks import attention_kernels as k
+    from graphserve.benchmarks import quant_kernels
     from graphserve.benchmarks.common import write_record
+    from graphserve.platforms import current_platform
+
+    current_platform().kernel_choices()  # registers the platform's kernels on the ops
 
     shape = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim}
     dtype = getattr(torch, args.dtype)
@@ -44,6 +55,14 @@ def main(args: argparse.Namespace) -> int:
                    for row in k.bench_decode(n, c, shape=shape, dtype=dtype)],
         "prefill": [row for n in args.prefill_lens for row in k.bench_prefill(n, shape=shape, dtype=dtype)],
         "reshape_and_cache": k.bench_reshape_and_cache(shape=shape, dtype=dtype),
+        "quant_gemm": [row for name, kk, n in quant_kernels.LLAMA3_8B_GEMMS
+                       for row in quant_kernels.bench_quant_gemm(name, kk, n, args.quant_batch_sizes, args.quant_bits,
+                                                                 args.quant_group_size, dtype)]
+        if args.quant_batch_sizes else [],
     }
+    if args.quant_decode_variants:
+        variants = [tuple(int(v) for v in item.split(",")) for item in args.quant_decode_variants.split(";")]
+        results["quant_decode_variants"] = quant_kernels.bench_decode_variants(variants, bits=args.quant_bits,
+                                                                               group_size=args.quant_group_size)
     write_record("attention_ops", results, args.out, getattr(args, "argv", None))
     return 0

@@ -70,6 +70,7 @@ class EngineArgs:
     cuda_graph_sizes: list[int] | None = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
     async_scheduling: bool | None = None  # overlap host work with the device; None = the platform's default (GPU on)
     attention_backend: str | None = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
+    quantization: str | None = None  # awq | gptq | squeezellm; None = what the checkpoint says
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -82,6 +83,7 @@ class EngineArgs:
             load_format=self.load_format,
             seed=self.seed,
             tokenizer=self.tokenizer,
+            quantization=self.quantization,
         )
         max_len = model_config.max_model_len
         max_batched = self.max_num_batched_tokens
@@ -179,6 +181,10 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                        help="schedule and launch the next step while the device computes this one "
                             "(default: on for GPUs, off on CPU)")
+        g.add_argument("--quantization", "-q", default=d.quantization, type=str.lower,
+                       choices=["awq", "gptq", "squeezellm"],
+                       help="the checkpoint's quantization method (default: read from its config); an error if "
+                            "the checkpoint is quantized otherwise")
         g.add_argument("--attention-backend", default=d.attention_backend, type=str.upper,
                        choices=["PAGED_ATTN", "TORCH_SDPA"],
                        help="attention implementation (default: the platform's, PAGED_ATTN); "

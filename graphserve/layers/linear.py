@@ -1,28 +1,24 @@
 """Linear layers with per-parameter weight loaders (vLLM vocabulary: the column / row split names are where
 tensor parallelism will shard them).
 
-Every layer owns a `quant_method` (a `LinearMethodBase`) that creates its weights and applies the
-matmul, so a quantization scheme can replace both without touching model code. Each parameter
-carries a `weight_loader(param, loaded_weight, shard_id=None)` that knows which slice of the
-parameter a checkpoint tensor (or one shard of a packed projection: q/k/v, gate/up) belongs to.
+Every layer owns a `quant_method` (a `LinearMethodBase`, graphserve/quantization/) that creates its parameters
+and applies the matmul, so a quantization scheme replaces both without touching model code. Each parameter
+carries a `weight_loader(param, loaded_weight, shard_id=None)` that knows which slice of the parameter a
+checkpoint tensor (or one shard of a packed projection: q/k/v, gate/up) belongs to: shards stack along the
+parameter's `output_dim`, divided by its `pack_factor` where that dim is packed (AWQ's qweight).
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphserve.quantization.base import LinearMethodBase, QuantizationConfig, set_weight_attrs
 
-def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any] | None) -> None:
-    """Attach loader metadata (`weight_loader`, `input_dim`, `output_dim`, ...) to a parameter."""
-    for key, value in (attrs or {}).items():
-        if hasattr(param, key):
-            raise AttributeError(f"overwriting existing tensor attribute {key!r}")
-        setattr(param, key, value)
+__all__ = ["LinearMethodBase", "set_weight_attrs"]  # re-exported: the layers' side of the seam
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -33,32 +29,13 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-class LinearMethodBase(ABC):
-    """How a linear layer stores and applies its weights (unquantized, or a quantization scheme)."""
-
-    @abstractmethod
-    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
-                       output_partition_sizes: list[int], params_dtype: torch.dtype,
-                       weight_loader: Callable) -> None:
-        """Register the layer's weight parameters (per TP partition) on `layer`."""
-
-    @abstractmethod
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Compute `x @ W.T (+ bias)` for input x [num_tokens, input_size_per_partition]."""
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Repack weights once the checkpoint is loaded (no-op unless the scheme needs it)."""
-
-
 class UnquantizedLinearMethod(LinearMethodBase):
     """Plain dense weight [output, input] in the model dtype."""
 
-    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
-                       output_partition_sizes: list[int], params_dtype: torch.dtype,
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
                        weight_loader: Callable) -> None:
-        """Register `weight` [sum(output_partition_sizes), input_size_per_partition]."""
-        weight = nn.Parameter(torch.empty(sum(output_partition_sizes), input_size_per_partition,
-                                          dtype=params_dtype), requires_grad=False)
+        """Register `weight` [sum(output_sizes), input_size]."""
+        weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype), requires_grad=False)
         set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": weight_loader})
         layer.register_parameter("weight", weight)
 
@@ -67,54 +44,69 @@ class UnquantizedLinearMethod(LinearMethodBase):
         return F.linear(x, layer.weight, bias)
 
 
-class QuantizationConfig(Protocol):
-    """What a quantization config must offer to the linear layers."""
-
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
-        """Return the method for this layer, or None to keep it unquantized."""
-
-
 class LinearBase(nn.Module):
-    """Common constructor: resolves the quant method."""
+    """Common constructor: resolves the quant method, which creates the parameters of `output_sizes` stacked."""
 
-    def __init__(self, input_size: int, output_size: int, params_dtype: torch.dtype | None = None,
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype | None = None,
                  quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__()
         self.input_size = input_size
-        self.output_size = output_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(self.output_sizes)
         self.params_dtype = params_dtype if params_dtype is not None else torch.get_default_dtype()
         self.prefix = prefix
         method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         self.quant_method: LinearMethodBase = method if method is not None else UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, self.output_sizes, self.params_dtype, self.weight_loader)
+        if bias:
+            bias_param = nn.Parameter(torch.empty(self.output_size, dtype=self.params_dtype), requires_grad=False)
+            set_weight_attrs(bias_param, {"output_dim": 0, "weight_loader": self.weight_loader})
+            self.register_parameter("bias", bias_param)
+        else:
+            self.register_parameter("bias", None)
 
-    def _create_bias(self, size: int, attrs: dict[str, Any]) -> None:
-        bias = nn.Parameter(torch.empty(size, dtype=self.params_dtype), requires_grad=False)
-        set_weight_attrs(bias, attrs)
-        self.register_parameter("bias", bias)
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        """Copy a whole checkpoint tensor, or one shard of a stacked projection (`shard_index` names its slot)."""
+        if shard_id is None:
+            copy_checked(param.data, loaded_weight)
+            return
+        index = self.shard_index(shard_id)
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            # The same tensor for every shard (g_idx: q, k and v read one input): the shards must agree.
+            loaded = getattr(param, "loaded_shards", None)
+            if loaded and not torch.equal(param.data, loaded_weight.to(param.dtype)):
+                raise ValueError(f"shard {shard_id!r} differs from shard(s) {sorted(map(str, loaded))} already "
+                                 "loaded into this parameter, which all shards share")
+            copy_checked(param.data, loaded_weight)
+            param.loaded_shards = (loaded or set()) | {shard_id}
+            return
+        pack = getattr(param, "pack_factor", 1) if getattr(param, "packed_dim", None) == output_dim else 1
+        offset = sum(self.output_sizes[:index])
+        if offset % pack or self.output_sizes[index] % pack:
+            raise ValueError(f"shard {shard_id!r} of {self.output_sizes[index]} outputs is not a whole number of "
+                             f"packed words of {pack}")
+        copy_checked(param.data.narrow(output_dim, offset // pack, self.output_sizes[index] // pack), loaded_weight)
+
+    def shard_index(self, shard_id: Any) -> int:
+        """Position of a checkpoint shard in `output_sizes`."""
+        raise ValueError(f"{type(self).__name__} has no shards; got shard_id {shard_id!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, input_size]
+        """[num_tokens, input_size] -> [num_tokens, output_size]."""
+        return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
         """Shapes for print(model)."""
-        return f"in_features={self.input_size}, out_features={self.output_size}, bias={self.bias is not None}"
+        return (f"in_features={self.input_size}, out_features={self.output_size}, bias={self.bias is not None}, "
+                f"quant_method={type(self.quant_method).__name__}")
 
 
 class ReplicatedLinear(LinearBase):
     """A plain linear layer (one that tensor parallelism would replicate on every rank)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, **kwargs: Any):
-        super().__init__(input_size, output_size, **kwargs)
-        self.quant_method.create_weights(self, input_size, [output_size], self.params_dtype, self.weight_loader)
-        if bias:
-            self._create_bias(output_size, {"output_dim": 0, "weight_loader": self.weight_loader})
-        else:
-            self.register_parameter("bias", None)
-
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        """Copy the whole tensor."""
-        copy_checked(param.data, loaded_weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, input_size]
-        """[num_tokens, input_size] -> [num_tokens, output_size]."""
-        return self.quant_method.apply(self, x, self.bias)
+        super().__init__(input_size, [output_size], bias, **kwargs)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -122,28 +114,10 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
                  output_sizes: list[int] | None = None, **kwargs: Any):
-        super().__init__(input_size, output_size, **kwargs)
-        self.output_sizes = output_sizes if output_sizes is not None else [output_size]
-        if sum(self.output_sizes) != output_size:
-            raise ValueError(f"output_sizes {self.output_sizes} do not add up to {output_size}")
-        self.quant_method.create_weights(self, input_size, self.output_sizes, self.params_dtype, self.weight_loader)
-        if bias:
-            self._create_bias(output_size, {"output_dim": 0, "weight_loader": self.weight_loader})
-        else:
-            self.register_parameter("bias", None)
-
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        """Copy the whole checkpoint tensor."""
-        copy_checked(param.data, loaded_weight)
-
-    def _load_shard(self, param: nn.Parameter, loaded_weight: torch.Tensor, offset: int, size: int) -> None:
-        """Copy one projection's checkpoint tensor into rows [offset, offset + size) of the fused parameter."""
-        output_dim = param.output_dim
-        copy_checked(param.data.narrow(output_dim, offset, size), loaded_weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, input_size]
-        """[num_tokens, input_size] -> [num_tokens, output_size]."""
-        return self.quant_method.apply(self, x, self.bias)
+        output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
+        if sum(output_sizes) != output_size:
+            raise ValueError(f"output_sizes {output_sizes} do not add up to {output_size}")
+        super().__init__(input_size, output_sizes, bias, **kwargs)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -155,14 +129,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True, **kwargs: Any):
         super().__init__(input_size, sum(output_sizes), bias=bias, output_sizes=list(output_sizes), **kwargs)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None) -> None:
-        """Place one logical projection (shard_id) into its rows; None means an already-fused tensor."""
-        if shard_id is None or getattr(param, "output_dim", None) is None:
-            copy_checked(param.data, loaded_weight)
-            return
-        if not 0 <= shard_id < len(self.output_sizes):
-            raise ValueError(f"shard_id {shard_id} out of range for {len(self.output_sizes)} merged outputs")
-        self._load_shard(param, loaded_weight, sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id])
+    def shard_index(self, shard_id: Any) -> int:
+        """The shard id is the position."""
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"shard_id {shard_id!r} out of range for {len(self.output_sizes)} merged outputs")
+        return shard_id
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -178,32 +149,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, q_size + 2 * kv_size, bias=bias, output_sizes=[q_size, kv_size, kv_size],
                          **kwargs)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
-        """Place the q, k or v projection; None means an already-fused [q; k; v] tensor."""
-        if shard_id is None or getattr(param, "output_dim", None) is None:
-            copy_checked(param.data, loaded_weight)
-            return
+    def shard_index(self, shard_id: Any) -> int:
+        """q, k, v in that order."""
         index = {"q": 0, "k": 1, "v": 2}.get(shard_id)
         if index is None:
             raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        self._load_shard(param, loaded_weight, sum(self.output_sizes[:index]), self.output_sizes[index])
+        return index
 
 
 class RowParallelLinear(LinearBase):
     """Y = X A^T, the projection back to the hidden size (o_proj, down_proj)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, **kwargs: Any):
-        super().__init__(input_size, output_size, **kwargs)
-        self.quant_method.create_weights(self, input_size, [output_size], self.params_dtype, self.weight_loader)
-        if bias:
-            self._create_bias(output_size, {"output_dim": 0, "weight_loader": self.weight_loader})
-        else:
-            self.register_parameter("bias", None)
-
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        """Copy the whole checkpoint tensor."""
-        copy_checked(param.data, loaded_weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, input_size]
-        """[num_tokens, input_size] -> [num_tokens, output_size]."""
-        return self.quant_method.apply(self, x, self.bias)
+        super().__init__(input_size, [output_size], bias, **kwargs)

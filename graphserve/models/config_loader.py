@@ -13,6 +13,7 @@ from typing import Any
 
 from graphserve.config import ModelConfig, normalize_dtype
 from graphserve.models.registry import resolve_architecture
+from graphserve.quantization import resolve_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Config fields that hold the trained context length, most specific first.
@@ -20,7 +21,8 @@ _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 
 
 def create_model_config(model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                        load_format: str = "auto", seed: int = 0, tokenizer: str | None = None) -> ModelConfig:
+                        load_format: str = "auto", seed: int = 0, tokenizer: str | None = None,
+                        quantization: str | None = None) -> ModelConfig:
     """Read the checkpoint's config and validate the user's choices against it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
@@ -41,6 +43,7 @@ def create_model_config(model: str | None = None, dtype: str = "auto", max_model
 
             find_safetensors_files(model_dir)  # fail now (e.g. pickle-only checkpoints), not at load time
     architecture = resolve_architecture(hf_config)
+    method, quant_config = resolve_quantization(model_dir, hf_config, quantization, load_format)
     num_heads = hf_config.num_attention_heads
     eos_token_ids, bos_token_id = _get_special_token_ids(hf_config, model_dir)
     return ModelConfig(
@@ -62,6 +65,8 @@ def create_model_config(model: str | None = None, dtype: str = "auto", max_model
         bos_token_id=bos_token_id,
         sliding_window=_get_sliding_window(hf_config),
         seed=seed,
+        quantization=method,
+        quantization_config=quant_config,
     )
 
 

@@ -22,6 +22,8 @@ from graphserve.layers.rotary_embedding import get_rope, get_rope_parameters
 from graphserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from graphserve.models.config_loader import get_head_dim, get_layer_sliding_window
 from graphserve.models.weight_utils import default_weight_loader
+from graphserve.quantization import get_quant_config
+from graphserve.quantization.base import QuantizationConfig
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,15 @@ class DecoderOptions:
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool, prefix: str = ""):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool, prefix: str = "",
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"Unsupported activation {hidden_act!r}: only silu is supported")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
-                                                       prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, prefix=f"{prefix}.down_proj")
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, hidden_size]
@@ -54,7 +58,8 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """Fused QKV projection, optional per-head q/k norm, RoPE, paged attention, output projection."""
 
-    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = ""):
+    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = "",
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
@@ -62,9 +67,10 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                          bias=options.qkv_bias, prefix=f"{prefix}.qkv_proj")
+                                          bias=options.qkv_bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(self.q_size, hf_config.hidden_size, bias=options.o_proj_bias,
-                                        prefix=f"{prefix}.o_proj")
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
@@ -92,11 +98,13 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder block; the residual travels alongside so each RMSNorm can fuse the add."""
 
-    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = ""):
+    def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = "",
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, layer_idx, options, prefix=f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(hf_config, layer_idx, options, prefix=f"{prefix}.self_attn",
+                                        quant_config=quant_config)
         self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act,
-                            options.mlp_bias, prefix=f"{prefix}.mlp")
+                            options.mlp_bias, prefix=f"{prefix}.mlp", quant_config=quant_config)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -117,12 +125,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF `model.*` names)."""
 
-    def __init__(self, hf_config: Any, options: DecoderOptions, prefix: str = "model"):
+    def __init__(self, hf_config: Any, options: DecoderOptions, prefix: str = "model",
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}")
+            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config)
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -157,7 +166,8 @@ class LlamaForCausalLM(nn.Module):
         hf_config = model_config.hf_config
         self.model_config = model_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config))
+        self.quant_config = get_quant_config(model_config)
+        self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config), quant_config=self.quant_config)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head")
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)

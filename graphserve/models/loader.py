@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from graphserve.config import ModelConfig
+from graphserve.layers.linear import LinearBase
 from graphserve.models.registry import resolve_model_cls
 
 
@@ -29,6 +30,8 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     model_cls = resolve_model_cls(model_config.architecture)
     with set_default_dtype(getattr(torch, model_config.dtype)), torch.device("meta"):
         model = model_cls(model_config)
+    if model_config.quantization is not None and model_config.load_format == "safetensors":
+        check_quantized_checkpoint(model, model_config)  # before any allocation on the device
     # Parameters exist only as shapes so far; allocate each once, on the target device.
     materialize_meta_module(model, device)
     for module in model.modules():
@@ -41,6 +44,38 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
             quant_method.process_weights_after_loading(module)
     model.requires_grad_(False)
     return model.eval()
+
+
+def checkpoint_linear_shards(model: nn.Module) -> Iterator[tuple[str, LinearBase, int]]:
+    """(checkpoint name prefix, layer, output size) of every projection the checkpoint stores for a linear layer:
+    one per shard of a stacked layer (q/k/v, gate/up), by the model's `stacked_params_mapping`."""
+    mapping = getattr(model, "stacked_params_mapping", [])
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        shards = [(name[: -len(fused)] + stored, module.output_sizes[module.shard_index(shard_id)])
+                  for fused, stored, shard_id in mapping if name.endswith(fused)]
+        for prefix, size in shards or [(name, module.output_size)]:
+            yield prefix, module, size
+
+
+def check_quantized_checkpoint(model: nn.Module, model_config: ModelConfig) -> None:
+    """Every tensor the quantization method needs is in the checkpoint with its expected shape (read from the
+    file headers alone), so a wrong or truncated checkpoint fails naming the tensor before any weight is loaded."""
+    from graphserve.models.weight_utils import find_safetensors_files, safetensors_shapes
+
+    shapes = safetensors_shapes(find_safetensors_files(model_config.model))
+    method = model_config.quantization
+    for prefix, layer, output_size in checkpoint_linear_shards(model):
+        expected = layer.quant_method.checkpoint_tensor_shapes(layer.input_size, output_size)
+        for suffix, shape in expected.items():
+            name = f"{prefix}.{suffix}"
+            if name not in shapes:
+                raise ValueError(f"checkpoint {model_config.model} has no tensor {name!r}, which {method} needs")
+            if shapes[name] != shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {list(shapes[name])}; {method} with this "
+                                 f"config expects {list(shape)} for a {layer.input_size} -> {output_size} "
+                                 "projection")
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "rotary",
     "activation",
     "sampling",
+    "quant",
 )
 
 

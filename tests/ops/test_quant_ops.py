@@ -1,0 +1,120 @@
+"""Quantized GEMM ops: the torch references against a from-the-definition dequantization, the Triton kernels
+against the references (interpreter, CPU tensors, fp32 / fp16), schemas and fakes through opcheck."""
+import pytest
+import torch
+
+from graphserve.ops import quant as quant_ops
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _codes_layout(bits: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random codes [K, N] and their engine layout [K * bits / 32, N], packed here field by field."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=g, dtype=torch.int64)
+    per_word = 32 // bits
+    words = torch.zeros(k // per_word, n, dtype=torch.int64)
+    for i in range(per_word):
+        words |= codes[i::per_word] << (bits * i)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return codes, words
+
+
+def _grouped(bits: int, k: int, n: int, group_size: int, seed: int):
+    codes, qweight = _codes_layout(bits, k, n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    groups = k // group_size
+    scales = (torch.rand(groups, n, generator=g) * 0.05 + 0.005).half()
+    zeros = torch.randint(0, 1 << bits, (groups, n), generator=g).half()
+    dense = (codes.float() - zeros.float().repeat_interleave(group_size, 0)) * scales.float().repeat_interleave(
+        group_size, 0)
+    return qweight, scales, zeros, dense
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k,n,group_size", [(64, 24, 32), (96, 1, 96), (128, 40, 64)])
+def test_reference_dequantizes_by_the_definition(bits, k, n, group_size):
+    qweight, scales, zeros, dense = _grouped(bits, k, n, group_size, seed=bits + k)
+    assert torch.equal(quant_ops.dequantize_ref(qweight, scales, zeros, bits, group_size), dense)
+    x = torch.randn(3, k)
+    out = torch.empty(3, n)
+    torch.ops.graphserve.quant_gemm(out, x, qweight, scales, zeros, bits, group_size)
+    torch.testing.assert_close(out, x @ dense)
+
+
+def test_squeezellm_reference_reads_each_columns_table():
+    codes, qweight = _codes_layout(4, 40, 9, seed=3)
+    table = torch.randn(9, 16)
+    x = torch.randn(2, 40)
+    out = torch.empty(2, 9)
+    torch.ops.graphserve.squeezellm_gemm(out, x, qweight, table)
+    dense = torch.stack([table[n, codes[:, n]] for n in range(9)], dim=1)  # [K, N]
+    torch.testing.assert_close(out, x @ dense)
+
+
+def test_ops_pass_opcheck():
+    qweight, scales, zeros, _ = _grouped(4, 64, 16, 32, seed=0)
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.graphserve.quant_gemm.default,
+                          (torch.empty(3, 16), x, qweight, scales, zeros, 4, 32))
+    torch.library.opcheck(torch.ops.graphserve.quant_dequantize.default,
+                          (torch.empty(64, 16), qweight, scales, zeros, 4, 32))
+    torch.library.opcheck(torch.ops.graphserve.squeezellm_gemm.default,
+                          (torch.empty(3, 16), x, qweight, torch.randn(16, 16)))
+
+
+triton_quant = pytest.importorskip("graphserve.ops.triton.quant")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("m,k,n,group_size", [
+    (1, 64, 24, 32),  # decode row, N not a multiple of the 32-wide tile
+    (5, 96, 1, 96),  # N = 1, one group over K = 96 (group -1): 32-row K steps
+    (17, 128, 40, 64),  # M just over the decode tile
+    (70, 64, 16, 64),  # the large-tile path
+])
+def test_triton_gemm_matches_reference(dtype, bits, m, k, n, group_size):
+    qweight, scales, zeros, _ = _grouped(bits, k, n, group_size, seed=m + k + bits)
+    x = torch.randn(m, k).to(dtype)
+    ref, out = torch.empty(m, n, dtype=dtype), torch.full((m, n), float("nan"), dtype=dtype)
+    quant_ops._quant_gemm_ref(ref, x, qweight, scales, zeros, bits, group_size)
+    triton_quant.quant_gemm(out, x, qweight, scales, zeros, bits, group_size)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_triton_dequantize_is_exact(bits):
+    qweight, scales, zeros, dense = _grouped(bits, 128, 40, 32, seed=bits)
+    out = torch.empty(128, 40)
+    triton_quant.quant_dequantize(out, qweight, scales, zeros, bits, 32)
+    assert torch.equal(out, dense)
+
+
+def test_triton_dense_path_for_large_batches(monkeypatch):
+    """Above DENSE_GEMM_MIN_ROWS rows the kernel dequantizes once and calls the dense GEMM."""
+    monkeypatch.setattr(triton_quant, "DENSE_GEMM_MIN_ROWS", 8)
+    qweight, scales, zeros, dense = _grouped(4, 64, 24, 32, seed=9)
+    x = torch.randn(9, 64)
+    out = torch.empty(9, 24)
+    triton_quant.quant_gemm(out, x, qweight, scales, zeros, 4, 32)
+    torch.testing.assert_close(out, x @ dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 24), (7, 40, 16), (20, 136, 33)])  # K not a multiple of the K step
+def test_triton_squeezellm_matches_reference(dtype, m, k, n):
+    _, qweight = _codes_layout(4, k, n, seed=k)
+    table = torch.randn(n, 16).to(dtype)
+    x = torch.randn(m, k).to(dtype)
+    ref, out = torch.empty(m, n, dtype=dtype), torch.full((m, n), float("nan"), dtype=dtype)
+    quant_ops._squeezellm_gemm_ref(ref, x, qweight, table)
+    triton_quant.squeezellm_gemm(out, x, qweight, table)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < TOL[dtype]
+
+
+def test_triton_refuses_a_transposed_weight():
+    qweight, scales, zeros, _ = _grouped(4, 64, 16, 32, seed=1)
+    with pytest.raises(ValueError, match="row-major"):
+        triton_quant.quant_gemm(torch.empty(1, 16), torch.randn(1, 64), qweight.t().contiguous().t(), scales, zeros,
+                                4, 32)
