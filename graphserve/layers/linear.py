@@ -75,7 +75,7 @@ class LinearBase(nn.Module):
         if output_dim is None:
             # The same tensor for every shard (g_idx: q, k and v read one input): the shards must agree.
             loaded = getattr(param, "loaded_shards", None)
-            if loaded and not torch.equal(param.data, loaded_weight.to(param.dtype)):
+            if loaded and not torch.equal(param.data, loaded_weight.to(param.device, param.dtype)):
                 raise ValueError(f"shard {shard_id!r} differs from shard(s) {sorted(map(str, loaded))} already "
                                  "loaded into this parameter, which all shards share")
             copy_checked(param.data, loaded_weight)

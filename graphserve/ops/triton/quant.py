@@ -139,11 +139,17 @@ def _block_k(group_size: int, preferred: int) -> int:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per batch size: decode streams the weights (narrow N tiles,
 # long K steps, so many programs each keep several KB of loads in flight); larger batches reuse each weight tile.
-TILES = {16: (16, 32, 256, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+# The decode tiles are the fastest of the variants timed on the H200 at Llama-3-8B's shapes
+# (perf/results/h200/quant_ops_llama8b.txt): 16 x 256 up to N = 16k (qkv, o, down), 32 x 128 beyond (gate_up).
+TILES = {16: (16, 16, 256, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+WIDE_DECODE_TILES = (16, 32, 128, 4, 4)
+WIDE_N = 16384
 
 
-def _tiles(m: int) -> tuple[int, int, int, int, int]:
-    """The tile configuration for a batch of m rows."""
+def _tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
+    """The tile configuration for a batch of m rows and n output columns."""
+    if m <= 16 and n >= WIDE_N:
+        return WIDE_DECODE_TILES
     return next(tiles for limit, tiles in TILES.items() if m <= limit)
 
 
@@ -155,7 +161,7 @@ def _launch_matmul(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, ta
         return
     if qweight.stride(1) != 1 or table.stride(1) != 1 or (zeros is not None and zeros.stride() != table.stride()):
         raise ValueError("quantized GEMM: qweight, scales and zeros must be row-major (the loader makes them so)")
-    block_m, block_n, block_k, warps, stages = _tiles(m)
+    block_m, block_n, block_k, warps, stages = _tiles(m, n)
     squeeze = zeros is None
     _quant_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         out, x, qweight, table, table if squeeze else zeros, m, n, k,
