@@ -118,6 +118,7 @@ class GPTQLinearMethod(GroupedLinearMethod):
         perm = None
         if self.config.desc_act:
             perm = self._act_order_permutation(layer.g_idx.data, codes.shape[0], layer.scales.shape[0])
+        if perm is not None:
             codes = codes.index_select(0, perm)
         self.finish_loading(layer, codes, zeros, layer.scales.data, bits, perm)
 

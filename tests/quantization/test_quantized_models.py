@@ -19,6 +19,8 @@ CASES = {
     "gptq3-g32-act-order": ("gptq", {"bits": 3, "group_size": 32, "desc_act": True}),
     "gptq8-per-channel-v2": ("gptq", {"bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2"}),
     "gptq4-legacy-file": ("gptq", {"bits": 4, "group_size": 64, "legacy_config_file": True}),
+    # act-order with one group per column: the qzeros-shape case TGI got wrong (TGI #1302)
+    "gptq4-per-channel-act-order": ("gptq", {"bits": 4, "group_size": -1, "desc_act": True}),
     "squeezellm": ("squeezellm", {}),
 }
 
