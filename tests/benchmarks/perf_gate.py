@@ -51,6 +51,15 @@ def normalise(median_s: float, calibration_median_s: float) -> float:
     return median_s / calibration_median_s
 
 
+def relative_spread(samples_s: Iterable[float]) -> float:
+    """(90th - 10th percentile) / median of some round times: how much a steady workload's rounds varied."""
+    samples = sorted(samples_s)
+    if len(samples) < 3:
+        return 0.0
+    deciles = statistics.quantiles(samples, n=10)
+    return (deciles[-1] - deciles[0]) / statistics.median(samples)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One timing of a hot path: medians of its rounds and of the interleaved calibration rounds."""
@@ -58,6 +67,7 @@ class Measurement:
     median_s: float
     calibration_median_s: float
     cpu_share: float  # CPU time / wall time while measuring: well below 1 means the machine was oversubscribed
+    calibration_spread: float = 0.0  # relative_spread of the calibration rounds
 
     @property
     def ratio(self) -> float:
@@ -67,7 +77,66 @@ class Measurement:
     def from_samples(cls, samples_s: Iterable[float], calibration_samples_s: Iterable[float],
                      cpu_share: float) -> Measurement:
         """From the per-round times of the hot path and of the calibration."""
-        return cls(statistics.median(samples_s), statistics.median(calibration_samples_s), cpu_share)
+        calibration = list(calibration_samples_s)
+        return cls(statistics.median(samples_s), statistics.median(calibration), cpu_share,
+                   relative_spread(calibration))
+
+
+# When is a measurement trustworthy? The ratio cancels a machine that is uniformly slower, but a machine that is
+# shared or throttled (a neighbour streaming memory, a slower host) slows the hot paths unevenly: on such a day an
+# unchanged tree measured up to 1.6x its baseline while the calibration itself ran 1.4-1.8x slower than when the
+# baseline was recorded. So a slowdown is only judged strictly on a measurement taken in conditions like the
+# baseline's; otherwise it is reported as inconclusive, unless it is beyond anything noise produced (GROSS_SLOWDOWN).
+CALIBRATION_DRIFT_LIMITS = (0.8, 1.25)  # calibration median / the baseline's calibration median
+MAX_CALIBRATION_SPREAD = 0.30  # relative_spread of the calibration rounds within one measurement
+MIN_CPU_SHARE = 0.8
+GROSS_SLOWDOWN = 2.0
+
+
+def baseline_calibration_s(name: str, baseline: Mapping) -> float | None:
+    """The calibration's median round when the baseline was recorded (its hot path's median round / ratio)."""
+    median_round_ms = baseline.get("median_round_ms", {}).get(name)
+    ratio = baseline.get("ratios", {}).get(name)
+    return median_round_ms / 1e3 / ratio if median_round_ms and ratio else None
+
+
+def unreliable_reasons(m: Measurement, baseline_calibration: float | None, load_average: float,
+                       num_cpus: int) -> list[str]:
+    """Why measurement `m` cannot be trusted to judge a slowdown (empty: it can)."""
+    reasons = []
+    if baseline_calibration:
+        drift = m.calibration_median_s / baseline_calibration
+        low, high = CALIBRATION_DRIFT_LIMITS
+        if not low <= drift <= high:
+            reasons.append(f"the calibration ran at {drift:.2f}x its time when the baseline was recorded")
+    if m.calibration_spread > MAX_CALIBRATION_SPREAD:
+        reasons.append(f"the calibration rounds varied by {m.calibration_spread:.0%}")
+    if m.cpu_share < MIN_CPU_SHARE:
+        reasons.append(f"the process got {m.cpu_share:.0%} of a CPU")
+    if load_average > num_cpus:
+        reasons.append(f"the load average {load_average:.1f} exceeds the {num_cpus} CPUs")
+    return reasons
+
+
+def judge(name: str, attempts: list[Measurement], baseline: Mapping, load_average: float,
+          num_cpus: int) -> tuple[str, Verdict, list[str]]:
+    """("pass" | "fail" | "inconclusive", the verdict on the fastest attempt, the reasons when inconclusive).
+
+    Attempts taken in trustworthy conditions are judged strictly by the threshold. If none was, an over-threshold
+    slowdown below GROSS_SLOWDOWN is inconclusive (the machine's noise reaches that far); a gross one fails."""
+    verdict = compare(name, min(m.ratio for m in attempts), baseline)
+    if verdict.passed:
+        return "pass", verdict, []
+    reference = baseline_calibration_s(name, baseline)
+    reasons = [unreliable_reasons(m, reference, load_average, num_cpus) for m in attempts]
+    clean = [m for m, r in zip(attempts, reasons) if not r]
+    if clean:
+        verdict = compare(name, min(m.ratio for m in clean), baseline)
+        return ("pass" if verdict.passed else "fail"), verdict, []
+    if verdict.slowdown >= GROSS_SLOWDOWN:
+        return "fail", verdict, []
+    fastest = min(range(len(attempts)), key=lambda i: attempts[i].ratio)
+    return "inconclusive", verdict, reasons[fastest]
 
 
 @dataclass(frozen=True)

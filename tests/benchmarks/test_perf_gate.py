@@ -138,3 +138,46 @@ def test_committed_baseline_is_consistent():
         assert threshold == pytest.approx(perf_gate.derive_threshold(s["max_factor"], s["min_factor"],
                                                                      margin=spread["margin"]))
     assert max(baseline["thresholds"].values()) == pytest.approx(baseline["threshold"])
+
+
+# The scheduler's baseline: ratio 0.8 with a 4 ms median round, so its calibration took 5 ms then.
+RECORDED = {**BASELINE, "median_round_ms": {"scheduler": 4.0}}
+
+
+def _attempt(ratio: float, calibration_ms: float = 5.0, spread: float = 0.05, cpu_share: float = 1.0):
+    return perf_gate.Measurement(ratio * calibration_ms / 1e3, calibration_ms / 1e3, cpu_share, spread)
+
+
+def test_relative_spread():
+    assert perf_gate.relative_spread([1.0] * 20) == 0.0
+    assert perf_gate.relative_spread([1.0] * 10 + [2.0] * 10) > 0.5
+    assert perf_gate.relative_spread([1.0, 2.0]) == 0.0  # too few rounds to say
+
+
+def test_unreliable_reasons_name_what_was_off():
+    reference = perf_gate.baseline_calibration_s("scheduler", RECORDED)
+    assert reference == pytest.approx(5e-3)
+    assert perf_gate.unreliable_reasons(_attempt(0.8), reference, load_average=0.5, num_cpus=2) == []
+    reasons = perf_gate.unreliable_reasons(_attempt(0.8, calibration_ms=8.0, spread=0.5, cpu_share=0.6), reference,
+                                           load_average=3.5, num_cpus=2)
+    assert len(reasons) == 4
+    assert "1.60x its time" in reasons[0] and "varied by 50%" in reasons[1]
+    assert "60% of a CPU" in reasons[2] and "load average 3.5" in reasons[3]
+
+
+def test_clean_measurements_are_judged_strictly():
+    """A 1.5x slowdown on a machine like the baseline's fails, however the other attempts went."""
+    outcome, verdict, _ = perf_gate.judge("scheduler", [_attempt(1.2), _attempt(1.25, calibration_ms=9.0)], RECORDED,
+                                          0.5, 2)
+    assert outcome == "fail" and verdict.slowdown == pytest.approx(1.5)
+    assert perf_gate.judge("scheduler", [_attempt(0.85)], RECORDED, 0.5, 2)[0] == "pass"
+
+
+def test_disturbed_measurements_are_inconclusive_below_a_gross_slowdown():
+    """The calibration ran 1.6x slower than when recorded: a 1.5x reading is within that machine's noise."""
+    outcome, verdict, reasons = perf_gate.judge("scheduler", [_attempt(1.2, calibration_ms=8.0)] * 3, RECORDED, 0.5, 2)
+    assert outcome == "inconclusive" and reasons == ["the calibration ran at 1.60x its time when the baseline was "
+                                                     "recorded"]
+    assert perf_gate.judge("scheduler", [_attempt(1.7, calibration_ms=8.0)], RECORDED, 0.5, 2)[0] == "fail"  # 2.1x
+    loaded = perf_gate.judge("scheduler", [_attempt(1.2)], RECORDED, load_average=4.0, num_cpus=2)
+    assert loaded[0] == "inconclusive" and "load average 4.0" in loaded[2][0]
