@@ -148,6 +148,9 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Register the engine flags (vLLM spelling) on `parser`."""
+        from graphserve.attention.backends.registry import backend_names
+        from graphserve.quantization import QUANTIZATION_METHODS
+
         d = EngineArgs()
         g = parser.add_argument_group("engine")
         g.add_argument("--model", default=d.model, help="HF model directory (default: SmolLM2-135M-Instruct GGUF)")
@@ -182,11 +185,11 @@ class EngineArgs:
                        help="schedule and launch the next step while the device computes this one "
                             "(default: on for GPUs, off on CPU)")
         g.add_argument("--quantization", "-q", default=d.quantization, type=str.lower,
-                       choices=["awq", "gptq", "squeezellm"],
+                       choices=sorted(QUANTIZATION_METHODS),
                        help="the checkpoint's quantization method (default: read from its config); an error if "
                             "the checkpoint is quantized otherwise")
         g.add_argument("--attention-backend", default=d.attention_backend, type=str.upper,
-                       choices=["PAGED_ATTN", "TORCH_SDPA"],
+                       choices=backend_names(),
                        help="attention implementation (default: the platform's, PAGED_ATTN); "
                             "TORCH_SDPA runs torch's scaled_dot_product_attention, without CUDA graphs")
         g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,

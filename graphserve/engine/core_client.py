@@ -181,6 +181,7 @@ class ThreadedEngineCoreClient(EngineCoreClient):
             self._emit(EngineCoreOutputs([], engine_error=f"{type(e).__name__}: {e}"))
         finally:
             self._alive = False
+            core.shutdown()  # the executor's workers go with the loop that drove them
 
     def _busy_loop(self, core: Any) -> None:
         inputs = self._inputs

@@ -70,10 +70,6 @@ class QuantizationConfig(ABC):
         """Files beside config.json that may hold the config (older checkpoints)."""
         return []
 
-    def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        """Activation dtypes the kernels take (the references take any float dtype)."""
-        return [torch.float16, torch.bfloat16, torch.float32]
-
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method for the linear layer named `prefix`, or None to keep it unquantized."""

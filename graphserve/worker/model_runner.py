@@ -158,10 +158,6 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and return plain-Python results (one device→host copy for all sampled tokens)."""
-        return self.execute_model_async(so).get_output()
-
     @torch.inference_mode()
     def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput:
         """Queue one step on the device and return without waiting for it.

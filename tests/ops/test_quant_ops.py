@@ -52,6 +52,17 @@ def test_squeezellm_reference_reads_each_columns_table():
     torch.testing.assert_close(out, x @ dense)
 
 
+def test_bf16_activations_beyond_fp16_range_stay_finite():
+    """AWQ kernels that cast activations to fp16 printed "!!!!" for bf16 models (vLLM #1114): here the product is
+    taken in the activations' own dtype (the reference in fp32), so values past fp16's 65504 survive."""
+    qweight, scales, zeros, dense = _grouped(4, 64, 16, 32, seed=4)
+    x = torch.full((2, 64), 3e5).to(torch.bfloat16)
+    out = torch.empty(2, 16, dtype=torch.bfloat16)
+    torch.ops.graphserve.quant_gemm(out, x, qweight, scales, zeros, 4, 32)
+    assert torch.isfinite(out).all() and out.float().abs().max() > 65504
+    torch.testing.assert_close(out.float(), x.float() @ dense, rtol=1e-2, atol=0)
+
+
 def test_ops_pass_opcheck():
     qweight, scales, zeros, _ = _grouped(4, 64, 16, 32, seed=0)
     x = torch.randn(3, 64)
