@@ -26,8 +26,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rows of the quantized GEMM points (none: skip them)")
     parser.add_argument("--quant-bits", type=int, default=4, choices=[2, 4, 8], help="bits of the quantized GEMMs")
     parser.add_argument("--quant-group-size", type=int, default=128, help="group size of the quantized GEMMs")
-    parser.add_argument("--quant-decode-variants", default="",
-                        help='also time decode tile variants of the fused kernel: "BLOCK_N,BLOCK_K,warps,stages;..."')
+    parser.add_argument("--quant-variants", default="",
+                        help='also time launch variants of the quantized GEMM at each --quant-batch-sizes row count: '
+                             '"gemv:block_n=128,block_r=16,split_k=4,num_warps=4;dot:block_m=16,block_n=64,..." '
+                             '(fields of GemmConfig; split_k=0: the heuristic\'s)')
+    parser.add_argument("--skip-attention", action="store_true", help="time only the quantized GEMMs")
     parser.add_argument("--out", default=None, help="write the JSON record to this file")
     return parser
 
@@ -51,18 +54,19 @@ def main(args: argparse.Namespace) -> int:
     results = {
         "shape": shape, "dtype": args.dtype, "ceilings": ceilings.to_dict() if ceilings else None,
         "copy_bandwidth_GBps": round(k.copy_bandwidth() / 1e9, 1),
-        "decode": [row for n in args.num_seqs for c in args.context
-                   for row in k.bench_decode(n, c, shape=shape, dtype=dtype)],
-        "prefill": [row for n in args.prefill_lens for row in k.bench_prefill(n, shape=shape, dtype=dtype)],
-        "reshape_and_cache": k.bench_reshape_and_cache(shape=shape, dtype=dtype),
+        "decode": [] if args.skip_attention else [row for n in args.num_seqs for c in args.context
+                                                  for row in k.bench_decode(n, c, shape=shape, dtype=dtype)],
+        "prefill": [] if args.skip_attention else [row for n in args.prefill_lens
+                                                   for row in k.bench_prefill(n, shape=shape, dtype=dtype)],
+        "reshape_and_cache": None if args.skip_attention else k.bench_reshape_and_cache(shape=shape, dtype=dtype),
         "quant_gemm": [row for name, kk, n in quant_kernels.LLAMA3_8B_GEMMS
                        for row in quant_kernels.bench_quant_gemm(name, kk, n, args.quant_batch_sizes, args.quant_bits,
                                                                  args.quant_group_size, dtype)]
         if args.quant_batch_sizes else [],
     }
-    if args.quant_decode_variants:
-        variants = [tuple(int(v) for v in item.split(",")) for item in args.quant_decode_variants.split(";")]
-        results["quant_decode_variants"] = quant_kernels.bench_decode_variants(variants, bits=args.quant_bits,
-                                                                               group_size=args.quant_group_size)
+    if args.quant_variants:
+        results["quant_variants"] = quant_kernels.bench_variants(
+            quant_kernels.parse_variants(args.quant_variants), args.quant_batch_sizes, bits=args.quant_bits,
+            group_size=args.quant_group_size, dtype=dtype)
     write_record("attention_ops", results, args.out, getattr(args, "argv", None))
     return 0

@@ -13,6 +13,7 @@ import torch
 
 from graphserve.benchmarks.attention_kernels import cuda_ceilings, time_graph
 from graphserve.benchmarks.roofline import fraction
+from graphserve.ops._register import get_op
 
 # Llama-3-8B's projections as the engine runs them: (name, K, N) with q/k/v and gate/up fused.
 LLAMA3_8B_GEMMS = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
@@ -71,37 +72,61 @@ def _time_point(m: int, k: int, n: int, bits: int, group: int, dtype: torch.dtyp
     return time_graph(call_quant), time_graph(call_dense)
 
 
-def bench_decode_variants(
-    variants: Sequence[tuple[int, int, int, int]], m: int = 1, bits: int = 4, group_size: int = 128,
+def parse_variants(spec: str) -> list[dict]:
+    """"gemv:block_n=128,split_k=4;dot:block_m=16" -> [{"kernel": "gemv", "block_n": 128, "split_k": 4}, ...]."""
+    variants = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        kernel, _, fields = item.partition(":")
+        variant = {"kernel": kernel.strip()}
+        for field in filter(None, fields.split(",")):
+            key, _, value = field.partition("=")
+            variant[key.strip()] = int(value)
+        variants.append(variant)
+    return variants
+
+
+def bench_variants(
+    variants: Sequence[dict], batch_sizes: Sequence[int], bits: int = 4, group_size: int = 128,
     dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict]:
-    """Tile variants (BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused kernel at BLOCK_M = 16, on the four
-    Llama-3-8B shapes: µs per call each, to choose `TILES` for decode batches."""
-    import triton
-
-    from graphserve.ops.triton.quant import _block_k, _quant_matmul_kernel
+    """Each launch variant (GemmConfig fields; split_k 0 or absent: the heuristic's) at each batch size on the four
+    Llama-3-8B shapes: µs per call and the packed weights' bandwidth, to choose the launch heuristics."""
+    from graphserve.ops.triton import quant as triton_quant
 
     rows = []
     for name, k, n in LLAMA3_8B_GEMMS:
         weight_bytes = k * n * bits // 8 + 4 * (k // group_size) * n
         weights = _packed_weights(k, n, bits, group_size, max(2, -(-2 * _L2_BYTES // weight_bytes)))
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        out = torch.empty(m, n, device="cuda", dtype=dtype)
-        for block_n, block_k, warps, stages in variants:
-            turn = [0]
+        for m in batch_sizes:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            out = torch.empty(m, n, device="cuda", dtype=dtype)
+            heuristic = triton_quant.choose_config(m, n, k, bits, group_size, x.device)
+            for variant in variants:
+                if variant["kernel"] == "gemv" and m > 16:
+                    continue
+                fields = {key: value for key, value in variant.items() if not (key == "split_k" and value == 0)}
+                if "split_k" not in fields and fields["kernel"] == heuristic.kernel:
+                    fields["split_k"] = heuristic.split_k
+                if fields["kernel"] == "dot":
+                    fields["block_k"] = triton_quant.block_k_for(k, group_size, fields.get("block_k", 128))
+                config = triton_quant.GemmConfig(**fields)
+                turn = [0]
 
-            def call(block_n: int = block_n, block_k: int = block_k, warps: int = warps, stages: int = stages,
-                     turn: list = turn, x: torch.Tensor = x, out: torch.Tensor = out, k: int = k, n: int = n,
-                     weights: list = weights) -> None:
-                qweight, scales, zeros = weights[turn[0] % len(weights)]
-                turn[0] += 1
-                _quant_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(n, block_n))](
-                    out, x, qweight, scales, zeros, m, n, k, out.stride(0), x.stride(0), qweight.stride(0),
-                    scales.stride(0), BITS=bits, GROUP_SIZE=group_size, SQUEEZE=False, BLOCK_M=16, BLOCK_N=block_n,
-                    BLOCK_K=_block_k(group_size, block_k), IEEE=False, num_warps=warps, num_stages=stages)
+                def call(config=config, turn=turn, x=x, out=out, weights=weights) -> None:
+                    qweight, scales, zeros = weights[turn[0] % len(weights)]
+                    turn[0] += 1
+                    triton_quant.launch(out, x, qweight, scales, zeros, bits, group_size, config)
 
-            seconds = time_graph(call)
-            rows.append({"gemm": name, "M": m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
-                         "num_stages": stages, "us": round(seconds * 1e6, 2),
-                         "GB_per_s": round(weight_bytes / seconds / 1e9, 1)})
+                try:
+                    seconds = time_graph(call)
+                except Exception as exc:  # a variant the compiler refuses (too many registers, ...)
+                    rows.append({"gemm": name, "M": m, **config.__dict__, "error": str(exc)[:200]})
+                    continue
+                qweight, scales, zeros = weights[0]
+                triton_quant.launch(out, x, qweight, scales, zeros, bits, group_size, config)
+                ref = torch.empty(m, n, device="cuda")
+                get_op("quant_gemm").reference(ref, x, qweight, scales, zeros, bits, group_size)
+                rows.append({"gemm": name, "M": m, **config.__dict__, "us": round(seconds * 1e6, 2),
+                             "GB_per_s": round(weight_bytes / seconds / 1e9, 1),
+                             "rel_err": float((out.float() - ref).norm() / ref.norm())})
     return rows

@@ -23,7 +23,7 @@ def _packed(k: int, n: int, bits: int, group: int, seed: int):
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("m", [1, 16, 64, 300, 1100])  # decode tiles, prefill tiles, the dense-GEMM path
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 64, 300, 1100])  # GEMV, tiled (split), tiled, dense-GEMM paths
 def test_quant_gemm_4bit_g128_matches_reference(cuda_kernels, k, n, m):
     """W4A16, groups of 128: every path of the kernel within bf16 tolerance of the fp32 reference."""
     qweight, scales, zeros = _packed(k, n, 4, 128, seed=k + n + m)
@@ -57,6 +57,33 @@ def test_dequantize_is_exact(cuda_kernels):
     ref = torch.empty_like(out)
     get_op("quant_dequantize").reference(ref, qweight, scales, zeros, 4, 128)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_gemm_in_a_graph_is_deterministic(cuda_kernels, m):
+    """The split-K reduction replayed from a CUDA graph: right on new inputs, and bitwise the same on the same input
+    whichever split finishes last."""
+    from graphserve.ops.triton.quant import choose_config
+
+    k, n = 4096, 4096
+    assert choose_config(m, n, k, 4, 128, torch.device("cuda")).split_k > 1
+    qweight, scales, zeros = _packed(k, n, 4, 128, seed=11)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    torch.ops.graphserve.quant_gemm(out, x, qweight, scales, zeros, 4, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.graphserve.quant_gemm(out, x, qweight, scales, zeros, 4, 128)
+    ref = torch.empty(m, n, device="cuda")
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        first = out.clone()
+        get_op("quant_gemm").reference(ref, x, qweight, scales, zeros, 4, 128)
+        assert rel_err(first, ref) < BF16_TOL
+        for _ in range(5):
+            graph.replay()
+            assert torch.equal(out, first)
 
 
 @pytest.mark.parametrize("m", [1, 64])

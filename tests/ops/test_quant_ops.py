@@ -94,6 +94,47 @@ def test_triton_gemm_matches_reference(dtype, bits, m, k, n, group_size):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("config", [
+    dict(kernel="gemv", block_n=16, split_k=1, block_r=4),
+    dict(kernel="gemv", block_n=16, split_k=3, block_r=2),  # uneven splits: some programs get no K step
+    dict(kernel="gemv", block_n=32, split_k=16, block_r=8),  # more splits than steps: capped
+    dict(kernel="dot", block_n=16, split_k=1, block_m=16, block_k=32),
+    dict(kernel="dot", block_n=16, split_k=3, block_m=16, block_k=32),
+], ids=lambda c: f"{c['kernel']}-split{c['split_k']}")
+@pytest.mark.parametrize("m,k,n,group_size", [
+    (1, 256, 40, 64),
+    (3, 192, 24, 32),  # rows of the GEMV's M tile masked
+    (4, 160, 17, 160),  # one group (group -1) over a K that is not a multiple of the step
+])
+def test_triton_each_kernel_and_split_matches_reference(config, m, k, n, group_size):
+    """Both kernels, with and without the split-K reduction, are exact up to fp32 rounding; a second call reuses
+    the tile counters the first left at zero."""
+    bits = 4
+    qweight, scales, zeros, _ = _grouped(bits, k, n, group_size, seed=m + k)
+    ref = torch.empty(m, n)
+    for _ in range(2):
+        x = torch.randn(m, k)
+        quant_ops._quant_gemm_ref(ref, x, qweight, scales, zeros, bits, group_size)
+        out = torch.full((m, n), float("nan"))
+        triton_quant.launch(out, x, qweight, scales, zeros, bits, group_size, triton_quant.GemmConfig(**config))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not triton_quant.split_k_buffers(1, 1, 2, x.device)[1].any()  # counters back at zero
+
+
+def test_triton_config_choice_by_batch_size():
+    """Decode rows take the GEMV, split along K when the output alone has too few tiles; larger batches the tiled
+    kernel with a K step inside one group; the GEMV's step also stays inside one group."""
+    device = torch.device("cpu")
+    decode = triton_quant.choose_config(1, 64, 4096, 4, 128, device)
+    assert decode.kernel == "gemv" and decode.split_k > 1 and decode.block_r * 8 <= 128
+    assert triton_quant.choose_config(1, 64, 4096, 4, 32, device).block_r == 4
+    assert triton_quant.choose_config(1, 64, 4096, 8, 32, device).block_r == 8
+    wide = triton_quant.choose_config(1, 1 << 16, 4096, 4, 128, device)
+    assert wide.split_k == 1
+    batch = triton_quant.choose_config(48, 4096, 4096, 4, 32, device)
+    assert batch.kernel == "dot" and batch.block_k == 32
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_triton_dequantize_is_exact(bits):
     qweight, scales, zeros, dense = _grouped(bits, 128, 40, 32, seed=bits)

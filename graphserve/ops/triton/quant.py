@@ -1,20 +1,34 @@
 """Triton kernels of the quantized GEMM ops (`graphserve::quant_gemm`, `quant_dequantize`, `squeezellm_gemm`).
 
-One tiled kernel dequantizes inside the GEMM: each program owns a BLOCK_M x BLOCK_N tile of the output and walks K
-in BLOCK_K steps, loading BLOCK_K / (32 / bits) packed rows of `qweight` [*, BLOCK_N] (coalesced along N),
-unpacking them with shifts into BLOCK_K rows, applying the tile's one scale / zero row (BLOCK_K divides the group
-size, so a K-step never straddles two groups) and feeding `tl.dot` in the activation dtype with an fp32
-accumulator. Small batches (decode, M <= 16) use BLOCK_M = 16 and narrow N tiles, so there are enough programs to
-stream the weights from every SM; prefill steps use large tiles, and very large ones dequantize the matrix once
-and call the dense GEMM. Everything is queued on the current stream without a host sync (graph-safe).
+Three paths by batch size, chosen per call by `choose_config`:
+- decode (M <= GEMV_MAX_ROWS): the GEMV kernel of ops/triton/quant_gemv.py, split along K so every SM streams;
+- medium batches: a tiled kernel; each program owns a BLOCK_M x BLOCK_N output tile and walks (its share of) K in
+  BLOCK_K steps that never straddle a group. Every row k of the step loads the packed word holding its code (the
+  words of neighbouring rows are the same cache line) and shifts its field out, so the weight tile stays in the
+  layout it was loaded in; codes become floats by the exponent trick (exact, no int -> float instruction), get the
+  tile's one scale / zero row and feed `tl.dot` in the activation dtype with an fp32 accumulator;
+- very large batches (prefill): one dequantization of the matrix, then the dense GEMM.
+Everything is queued on the current stream without a host sync (graph-safe).
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from graphserve.ops.triton.layernorm import register_impls
+from graphserve.ops.triton.quant_gemv import (
+    LOCK_SLOTS,
+    MAGIC,
+    TWO_23,
+    gemv_steps,
+    launch_gemv,
+    split_k_buffers,
+    write_output,
+)
 
 # Above this many rows, one dequantization plus the dense (cuBLAS) GEMM beats dequantizing in every M tile.
 DENSE_GEMM_MIN_ROWS = 1024
@@ -26,7 +40,9 @@ def _quant_matmul_kernel(
     x_ptr,  # [M, K]
     qw_ptr,  # [K / PACK, N] int32 (PACK = 32 / BITS codes per word, sequential along K)
     s_ptr,  # [K / GROUP_SIZE, N] scales (SQUEEZE: the [N, 16] lookup table)
-    z_ptr,  # [K / GROUP_SIZE, N] zero points (unused with SQUEEZE)
+    z_ptr,  # [K / GROUP_SIZE, N] zero points, exact integers (unused with SQUEEZE)
+    ws_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1)
+    lock_ptr,  # int32 tile counters, zero between calls (SPLIT_K > 1)
     M,
     N,
     K,
@@ -35,55 +51,51 @@ def _quant_matmul_kernel(
     stride_qk,
     stride_sg,
     BITS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K, or K (one group); SQUEEZE: unused
     SQUEEZE: tl.constexpr,  # codes index a per-column table of 16 values instead of (q - zero) * scale
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
 ):
-    """out[m-tile, n-tile] <- x[m-tile, :] @ dequant(W)[:, n-tile]."""
+    """out[m-tile, n-tile] <- x[m-tile, :] @ dequant(W)[:, n-tile] (this program's share of K when split)."""
     PACK: tl.constexpr = 32 // BITS
-    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shifts = tl.arange(0, PACK) * BITS  # [PACK]
+    steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(steps, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, steps)):
+        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        offs_r = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        packed = tl.load(qw_ptr + offs_r[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=(offs_r[:, None] < K // PACK) & mask_n[None, :], other=0)
-        codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K / PACK, PACK, N]
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # Each row k reads the word holding its code (the PACK rows of one word hit the same cache line) and
+        # shifts its own field out: the tile stays in the layout it was loaded in.
+        packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=mask_k[:, None] & mask_n[None, :], other=0)
+        codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & CODE_MASK  # [BLOCK_K, BLOCK_N]
         if SQUEEZE:
             w = tl.load(s_ptr + offs_n[None, :].to(tl.int64) * 16 + codes, mask=mask_n[None, :], other=0.0)
             w = w.to(tl.float32)
-        elif TILE_GROUPS == 1:  # the K step lies inside one group: one scale / zero row
-            group = k0 // GROUP_SIZE
+        else:  # the K step lies inside one group: one scale / zero row
+            group = (step * BLOCK_K) // GROUP_SIZE
             s = tl.load(s_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) - z[None, :]) * s[None, :]
-        else:  # the K step spans TILE_GROUPS whole groups
-            groups = k0 // GROUP_SIZE + tl.arange(0, TILE_GROUPS)
-            g_mask = (groups[:, None] < K // GROUP_SIZE) & mask_n[None, :]
-            g_offs = groups[:, None] * stride_sg + offs_n[None, :]
-            s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)  # [TILE_GROUPS, N]
-            z = tl.load(z_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
-            w3 = tl.reshape(codes, (TILE_GROUPS, GROUP_SIZE, BLOCK_N)).to(tl.float32)
-            w = tl.reshape((w3 - z[:, None, :]) * s[:, None, :], (BLOCK_K, BLOCK_N))
+            z = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32) + TWO_23
+            w = ((codes | MAGIC).to(tl.float32, bitcast=True) - z[None, :]) * s[None, :]
         if IEEE:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    write_output(out_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, pid_k,
+                 pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
 
 
 @triton.jit
@@ -102,73 +114,110 @@ def _dequantize_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[k-tile, n-tile] <- (q - zero) * scale."""
+    """out[k-tile, n-tile] <- (q - zero) * scale (exact in fp32)."""
     PACK: tl.constexpr = 32 // BITS
-    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_r = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    packed = tl.load(qw_ptr + offs_r[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                     mask=(offs_r[:, None] < K // PACK) & mask_n[None, :], other=0)
-    shifts = tl.arange(0, PACK) * BITS
-    codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N))
-    group = k0 // GROUP_SIZE
-    s = tl.load(s_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    w = (codes.to(tl.float32) - z[None, :]) * s[None, :]
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=mask,
+                     other=0)
+    codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+    group = (tl.program_id(0) * BLOCK_K) // GROUP_SIZE
+    s = tl.load(s_ptr + group * stride_sg + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group * stride_sg + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) + TWO_23
+    w = ((codes | MAGIC).to(tl.float32, bitcast=True) - z[None, :]) * s[None, :]
     tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(offs_k[:, None] < K) & mask_n[None, :])
+             mask=mask)
 
 
-def _block_k_in_group(group_size: int) -> int:
-    """The largest power of two up to 128 dividing the group size (group sizes are multiples of 32)."""
-    block = 128
-    while group_size % block:
+def block_k_for(k: int, group_size: int, preferred: int) -> int:
+    """The largest power of two up to `preferred` that keeps every K step inside one group (any step does when the
+    whole input is one group), and at least 16 (tl.dot's minimum; group sizes are multiples of 32)."""
+    if group_size == k:
+        return preferred
+    block = preferred
+    while block > 16 and group_size % block:
         block //= 2
     return block
 
 
-def _block_k(group_size: int, preferred: int) -> int:
-    """The matmul's K step: `preferred` when it is a whole number of groups, else one inside a group, so that a
-    K step never holds part of a group."""
-    if preferred > group_size and preferred % group_size == 0:
-        return preferred
-    return min(preferred, _block_k_in_group(group_size))
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch of the quantized GEMM: the GEMV kernel (`block_r` packed rows per step, no tensor cores) or the
+    tiled `tl.dot` kernel (`block_m` x `block_n` x `block_k`), both with `split_k` programs along K."""
+
+    kernel: str  # "gemv" or "dot"
+    block_n: int
+    split_k: int = 1
+    num_warps: int = 4
+    block_r: int = 16  # gemv
+    block_m: int = 16  # dot
+    block_k: int = 128  # dot
+    num_stages: int = 3  # dot
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per batch size: decode streams the weights (narrow N tiles,
-# long K steps, so many programs each keep several KB of loads in flight); larger batches reuse each weight tile.
-# The decode tiles are the fastest of the variants timed on the H200 at Llama-3-8B's shapes
-# (perf/results/h200/quant_ops_llama8b.txt): 16 x 256 up to N = 16k (qkv, o, down), 32 x 128 beyond (gate_up).
-TILES = {16: (16, 16, 256, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
-WIDE_DECODE_TILES = (16, 32, 128, 4, 4)
-WIDE_N = 16384
+# Batches of at most GEMV_MAX_ROWS rows (decode) run the GEMV; larger ones the tiled kernel, split along K while
+# its tiles alone would leave SMs idle. Chosen from variants timed on the H200 at Llama-3-8B's shapes
+# (perf/results/h200/quant_ops_*).
+GEMV_MAX_ROWS = 4
+GEMV_BLOCK_N, GEMV_BLOCK_R, GEMV_WARPS = 128, 16, 4
+PROGRAMS_PER_SM = 4
+# rows -> (block m, n, k, warps, stages)
+TILES = {16: (16, 64, 128, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+SQUEEZE_TILES = {16: (16, 32, 64, 4, 4), **TILES}
 
 
-def _tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
-    """The tile configuration for a batch of m rows and n output columns."""
-    if m <= 16 and n >= WIDE_N:
-        return WIDE_DECODE_TILES
-    return next(tiles for limit, tiles in TILES.items() if m <= limit)
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 8  # TRITON_INTERPRET on the CPU: any small number
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
-def _launch_matmul(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
-                   zeros: torch.Tensor | None, bits: int, group_size: int) -> None:
+def _split_k(tiles: int, steps: int, sms: int, min_steps: int) -> int:
+    """K splits that bring `tiles` output tiles up to PROGRAMS_PER_SM programs per SM, each keeping at least
+    `min_steps` K steps."""
+    want = max(1, (PROGRAMS_PER_SM * sms) // max(tiles, 1))
+    return max(1, min(want, steps // min_steps, 16))
+
+
+def choose_config(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device) -> GemmConfig:
+    """The launch for an [m, k] x [k, n] quantized GEMM on `device`."""
+    sms = _num_sms(device.index if device.type == "cuda" else None)
+    if m <= GEMV_MAX_ROWS:
+        block_r, steps = gemv_steps(k, bits, group_size, GEMV_BLOCK_R)
+        split = _split_k(triton.cdiv(n, GEMV_BLOCK_N), steps, sms, 4)
+        return GemmConfig("gemv", GEMV_BLOCK_N, split, GEMV_WARPS, block_r=block_r)
+    block_m, block_n, block_k, warps, stages = next(t for rows, t in TILES.items() if m <= rows)
+    block_k = block_k_for(k, group_size, block_k)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = _split_k(tiles, triton.cdiv(k, block_k), sms, 8)
+    return GemmConfig("dot", block_n, split, warps, block_m=block_m, block_k=block_k, num_stages=stages)
+
+
+def launch(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
+           zeros: torch.Tensor | None, bits: int, group_size: int, config: GemmConfig) -> None:
+    """Run one configuration (zeros None: SqueezeLLM, `table` is the [N, 16] lookup table; tiled kernel only)."""
     m, k = x.shape
     n = out.shape[1]
     if m == 0 or n == 0:
         return
     if qweight.stride(1) != 1 or table.stride(1) != 1 or (zeros is not None and zeros.stride() != table.stride()):
         raise ValueError("quantized GEMM: qweight, scales and zeros must be row-major (the loader makes them so)")
-    block_m, block_n, block_k, warps, stages = _tiles(m, n)
+    if config.kernel == "gemv":
+        launch_gemv(out, x, qweight, table, zeros, bits, group_size, config.block_n, config.block_r,
+                    config.split_k, config.num_warps)
+        return
     squeeze = zeros is None
-    _quant_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        out, x, qweight, table, table if squeeze else zeros, m, n, k,
+    m_tiles, n_tiles = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
+    split = config.split_k if m_tiles * n_tiles <= LOCK_SLOTS else 1
+    ws, lock = split_k_buffers(m, n, split, x.device)
+    _quant_matmul_kernel[(m_tiles, n_tiles, split)](
+        out, x, qweight, table, table if squeeze else zeros, ws, lock, m, n, k,
         out.stride(0), x.stride(0), qweight.stride(0), 0 if squeeze else table.stride(0),
-        BITS=bits, GROUP_SIZE=group_size, SQUEEZE=squeeze, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=64 if squeeze else _block_k(group_size, block_k), IEEE=x.dtype == torch.float32, num_warps=warps,
-        num_stages=stages,
+        BITS=bits, GROUP_SIZE=group_size, SQUEEZE=squeeze, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, SPLIT_K=split, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 
@@ -184,7 +233,7 @@ def quant_dequantize(
     k, n = out.shape
     if k == 0 or n == 0:
         return
-    block_k, block_n = _block_k_in_group(group_size), 64
+    block_k, block_n = block_k_for(k, group_size, 64), 64
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         out, qweight, scales, zeros, n, k, out.stride(0), qweight.stride(0), scales.stride(0),
         BITS=bits, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
@@ -207,7 +256,8 @@ def quant_gemm(
         quant_dequantize(dense, qweight, scales, zeros, bits, group_size)
         torch.matmul(x, dense, out=out)
         return
-    _launch_matmul(out, x, qweight, scales, zeros, bits, group_size)
+    launch(out, x, qweight, scales, zeros, bits, group_size,
+           choose_config(x.shape[0], out.shape[1], x.shape[1], bits, group_size, x.device))
 
 
 def squeezellm_gemm(
@@ -217,8 +267,11 @@ def squeezellm_gemm(
     lookup_table: torch.Tensor,  # [N, 16]
 ) -> None:
     """Triton `graphserve::squeezellm_gemm`: the codes index each column's table inside the GEMM."""
-    # No groups: the K steps may end inside the input (the tail is masked).
-    _launch_matmul(out, x.contiguous(), qweight, lookup_table.contiguous(), None, 4, 64)
+    # No groups (one table per column): the tiled kernel at any batch size, the K tail masked.
+    m, k = x.shape
+    block_m, block_n, block_k, warps, stages = next(t for rows, t in SQUEEZE_TILES.items() if m <= rows)
+    launch(out, x.contiguous(), qweight, lookup_table.contiguous(), None, 4, k,
+           GemmConfig("dot", block_n, 1, warps, block_m=block_m, block_k=block_k, num_stages=stages))
 
 
 def register(dispatch_key: str) -> dict[str, str]:
