@@ -1,7 +1,7 @@
 """Triton kernels of the quantized GEMM ops (`graphserve::quant_gemm`, `quant_dequantize`, `squeezellm_gemm`).
 
 Three paths by batch size, chosen per call by `choose_config`:
-- decode (M <= GEMV_MAX_ROWS): the GEMV kernel of ops/triton/quant_gemv.py, split along K so every SM streams;
+- one row (batch-1 decode): the GEMV kernel of ops/triton/quant_gemv.py, split along K so every SM streams;
 - medium batches: a tiled kernel; each program owns a BLOCK_M x BLOCK_N output tile and walks (its share of) K in
   BLOCK_K steps that never straddle a group. Every row k of the step loads the packed word holding its code (the
   words of neighbouring rows are the same cache line) and shifts its field out, so the weight tile stays in the
@@ -159,7 +159,7 @@ class GemmConfig:
 # Batches of at most GEMV_MAX_ROWS rows (decode) run the GEMV; larger ones the tiled kernel, split along K while
 # its tiles alone would leave SMs idle. Chosen from variants timed on the H200 at Llama-3-8B's shapes
 # (perf/results/h200/quant_ops_*).
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 1
 GEMV_BLOCK_N, GEMV_BLOCK_R, GEMV_WARPS = 128, 16, 4
 PROGRAMS_PER_SM = 4
 # rows -> (block m, n, k, warps, stages)

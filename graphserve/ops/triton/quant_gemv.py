@@ -25,6 +25,7 @@ import triton.language as tl
 # The bits of 2^23 in fp32: a code below 2^23 ORed into them reads as the float 2^23 + code.
 MAGIC = tl.constexpr(0x4B000000)
 TWO_23 = tl.constexpr(8388608.0)
+ONE = tl.constexpr(0x3F800000)  # the bits of 1.0 in fp32
 LOCK_SLOTS = 1 << 16  # output tiles a split-K GEMM may have
 _locks: dict[torch.device, torch.Tensor] = {}
 
@@ -51,60 +52,83 @@ def write_output(out_ptr, ws_ptr, lock_ptr, part, offs_m, offs_n, mask_m, mask_n
 
 
 @triton.jit
+def _load_step(qw_ptr, s_ptr, z_ptr, step, last, rows, offs_n, N, stride_qk, stride_sg, BITS: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The packed words [BLOCK_R, BLOCK_N] of one K step (as uint32) with its scale and zero rows (fp32); all
+    zero past `last`."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_r = step * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_live = tl.where(step < last, N, 0)
+    mask_n = offs_n < n_live
+    packed = tl.load(qw_ptr + offs_r[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                     mask=(offs_r[:, None] < rows) & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+    group = (step * BLOCK_R * PACK) // GROUP_SIZE
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return packed, scale, zero
+
+
+@triton.jit
 def _quant_gemv_kernel(
-    out_ptr,  # [M, N]
-    x_ptr,  # [M, K]
+    out_ptr,  # [1, N]
+    x_ptr,  # [1, K]
     qw_ptr,  # [K / PACK, N] int32 (PACK = 32 / BITS codes per word, sequential along K)
     s_ptr,  # [K / GROUP_SIZE, N] scales
     z_ptr,  # [K / GROUP_SIZE, N] zero points (exact integers)
-    ws_ptr,  # [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1)
+    ws_ptr,  # [SPLIT_K, 1, N] fp32 partial sums (SPLIT_K > 1)
     lock_ptr,  # [>= cdiv(N, BLOCK_N)] int32 counters, zero between calls (SPLIT_K > 1)
-    M,
     N,
     K,
-    stride_om,
-    stride_xm,
     stride_qk,
     stride_sg,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_R * PACK, or K (one group)
-    BLOCK_M: tl.constexpr,  # >= M
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,  # packed rows per step
     SPLIT_K: tl.constexpr,
 ):
-    """out[:, n-tile] <- x @ dequant(W)[:, n-tile] over this program's share of K."""
+    """out[0, n-tile] <- x @ dequant(W)[:, n-tile] over this program's share of K. Everything stays in the packed
+    tile's 2-D layout (no layout conversion inside the loop)."""
     PACK: tl.constexpr = 32 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    TOP: tl.constexpr = 23 - BITS  # lowest bit of a code placed at the top of the mantissa
+    TOP_MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
     rows = K // PACK
     steps = tl.cdiv(rows, BLOCK_R)
     per_split = tl.cdiv(steps, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, steps)):
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, steps)
+    # Register double-buffering: the next step's words are requested before this step's arithmetic, so every
+    # warp keeps two tiles of loads in flight (the compiler pipelines only loads that feed tl.dot).
+    packed, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, first, last, rows, offs_n, N, stride_qk, stride_sg,
+                                     BITS, GROUP_SIZE, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for step in range(first, last):
+        next_packed, next_scale, next_zero = _load_step(qw_ptr, s_ptr, z_ptr, step + 1, last, rows, offs_n, N,
+                                                        stride_qk, stride_sg, BITS, GROUP_SIZE, BLOCK_R)
         offs_r = step * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rows
-        packed = tl.load(qw_ptr + offs_r[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=mask_r[:, None] & mask_n[None, :], other=0)
-        group = (step * BLOCK_R * PACK) // GROUP_SIZE
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32) + TWO_23
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :] * PACK
-        x_mask = mask_m[:, None] & mask_r[None, :]
-        dot = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        dot = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # sum_j x_j * (1 + q_j / 2^BITS)
+        x_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for j in tl.static_range(PACK):
-            code = ((packed >> (j * BITS)) & CODE_MASK) | MAGIC
-            w = code.to(tl.float32, bitcast=True) - zero[None, :]  # q - zero, exact
-            xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_R]
-            dot += xj[:, :, None] * w[None, :, :]
-        acc += dot * scale[None, None, :]
-    write_output(out_ptr, ws_ptr, lock_ptr, tl.sum(acc, axis=1), offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
-                 pid_k, pid_n, SPLIT_K)
+            # field j moved to the top of an fp32 mantissa under the exponent of 1.0: the float 1 + q / 2^BITS
+            if TOP - BITS * j >= 0:
+                field = packed << (TOP - BITS * j)
+            else:
+                field = packed >> (BITS * j - TOP)
+            w = ((field & TOP_MASK) | ONE).to(tl.float32, bitcast=True)
+            xj = tl.load(x_ptr + offs_r * PACK + j, mask=mask_r, other=0.0).to(tl.float32)  # [BLOCK_R]
+            dot += xj[:, None] * w
+            x_sum += xj
+        # sum_j x_j (q_j - zero) = 2^BITS (dot - x_sum) - zero x_sum, times the group's scale
+        acc += scale[None, :] * (dot * (1 << BITS) - (zero[None, :] + (1 << BITS)) * x_sum[:, None])
+        packed, scale, zero = next_packed, next_scale, next_zero
+    offs_m = tl.arange(0, 1)
+    write_output(out_ptr, ws_ptr, lock_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, offs_m < 1, mask_n, 1, N,
+                 0, pid_k, pid_n, SPLIT_K)
 
 
 def split_k_buffers(m: int, n: int, split_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +156,8 @@ def launch_gemv(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scale
     """Run the GEMV kernel with one tile configuration (split_k is capped at the number of K steps)."""
     m, k = x.shape
     n = out.shape[1]
+    if m != 1:
+        raise ValueError(f"the quantized GEMV kernel multiplies one row, not {m}")
     block_r, steps = gemv_steps(k, bits, group_size, block_r)
     split_k = max(1, min(split_k, steps))
     n_tiles = triton.cdiv(n, block_n)
@@ -139,7 +165,6 @@ def launch_gemv(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scale
         split_k = 1
     ws, lock = split_k_buffers(m, n, split_k, x.device)
     _quant_gemv_kernel[(n_tiles, split_k)](
-        out, x, qweight, scales, zeros, ws, lock, m, n, k, out.stride(0), x.stride(0), qweight.stride(0),
-        scales.stride(0), BITS=bits, GROUP_SIZE=group_size, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n,
-        BLOCK_R=block_r, SPLIT_K=split_k, num_warps=num_warps,
+        out, x, qweight, scales, zeros, ws, lock, n, k, qweight.stride(0), scales.stride(0),
+        BITS=bits, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split_k, num_warps=num_warps,
     )
