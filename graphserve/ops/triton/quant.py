@@ -158,12 +158,12 @@ class GemmConfig:
 
 # Batches of at most GEMV_MAX_ROWS rows (decode) run the GEMV; larger ones the tiled kernel, split along K while
 # its tiles alone would leave SMs idle. Chosen from variants timed on the H200 at Llama-3-8B's shapes
-# (perf/results/h200/quant_ops_*).
+# (perf/results/h200/quant_variants_*.json).
 GEMV_MAX_ROWS = 1
 GEMV_BLOCK_N, GEMV_BLOCK_R, GEMV_WARPS = 128, 16, 4
 PROGRAMS_PER_SM = 4
 # rows -> (block m, n, k, warps, stages)
-TILES = {16: (16, 64, 128, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+TILES = {16: (16, 32, 128, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
 SQUEEZE_TILES = {16: (16, 32, 64, 4, 4), **TILES}
 
 
@@ -186,7 +186,7 @@ def choose_config(m: int, n: int, k: int, bits: int, group_size: int, device: to
     sms = _num_sms(device.index if device.type == "cuda" else None)
     if m <= GEMV_MAX_ROWS:
         block_r, steps = gemv_steps(k, bits, group_size, GEMV_BLOCK_R)
-        split = _split_k(triton.cdiv(n, GEMV_BLOCK_N), steps, sms, 4)
+        split = _split_k(triton.cdiv(n, GEMV_BLOCK_N), steps, sms, 2)
         return GemmConfig("gemv", GEMV_BLOCK_N, split, GEMV_WARPS, block_r=block_r)
     block_m, block_n, block_k, warps, stages = next(t for rows, t in TILES.items() if m <= rows)
     block_k = block_k_for(k, group_size, block_k)
