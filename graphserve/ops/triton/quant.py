@@ -77,11 +77,19 @@ def _quant_matmul_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Each row k reads the word holding its code (the PACK rows of one word hit the same cache line) and
-        # shifts its own field out: the tile stays in the layout it was loaded in.
-        packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)
-        codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & CODE_MASK  # [BLOCK_K, BLOCK_N]
+        # Small tiles: each row k reads the word holding its code (the PACK rows of one word hit the same cache
+        # line) and shifts its own field out, so the tile stays in the layout it was loaded in (faster up to 64
+        # rows on the H200); large tiles read each word once (the repeated reads cost more there).
+        if BLOCK_M >= 128:  # large tiles: load each word once and unpack through a reshape
+            offs_w = step * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                            mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
+            shifts = tl.arange(0, PACK) * BITS
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & CODE_MASK, (BLOCK_K, BLOCK_N))
+        else:
+            packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                             mask=mask_k[:, None] & mask_n[None, :], other=0)
+            codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & CODE_MASK  # [BLOCK_K, BLOCK_N]
         if SQUEEZE:
             w = tl.load(s_ptr + offs_n[None, :].to(tl.int64) * 16 + codes, mask=mask_n[None, :], other=0.0)
             w = w.to(tl.float32)
@@ -116,18 +124,21 @@ def _dequantize_kernel(
 ):
     """out[k-tile, n-tile] <- (q - zero) * scale (exact in fp32)."""
     PACK: tl.constexpr = 32 // BITS
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=mask,
-                     other=0)
-    codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
-    group = (tl.program_id(0) * BLOCK_K) // GROUP_SIZE
-    s = tl.load(s_ptr + group * stride_sg + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + group * stride_sg + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) + TWO_23
+    mask_n = offs_n < N
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    words = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                    mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
+    shifts = tl.arange(0, PACK) * BITS
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N))
+    group = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32) + TWO_23
     w = ((codes | MAGIC).to(tl.float32, bitcast=True) - z[None, :]) * s[None, :]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=mask)
+             mask=(offs_k[:, None] < K) & mask_n[None, :])
 
 
 def block_k_for(k: int, group_size: int, preferred: int) -> int:
