@@ -100,8 +100,9 @@ def test_triton_gemm_matches_reference(dtype, bits, m, k, n, group_size):
     dict(kernel="gemv", block_n=32, split_k=16, block_r=8),  # more splits than steps: capped
     dict(kernel="dot", block_n=16, split_k=1, block_m=16, block_k=32),
     dict(kernel="dot", block_n=16, split_k=3, block_m=16, block_k=32),
-    dict(kernel="dot", block_n=16, split_k=2, block_m=128, block_k=32),  # large tiles: words unpacked by reshape
-], ids=lambda c: f"{c['kernel']}{c.get('block_m', '')}-split{c['split_k']}")
+    dict(kernel="dot", block_n=16, split_k=2, block_m=16, block_k=32, row_loads=0),  # words unpacked by reshape
+    dict(kernel="dot", block_n=16, split_k=1, block_m=128, block_k=32, row_loads=0),
+], ids=lambda c: f"{c['kernel']}{c.get('block_m', '')}-split{c['split_k']}-rows{c.get('row_loads', 1)}")
 @pytest.mark.parametrize("m,k,n,group_size", [
     (1, 256, 40, 64),
     (3, 192, 24, 32),
@@ -146,13 +147,18 @@ def test_triton_dequantize_is_exact(bits):
 
 
 def test_triton_dense_path_for_large_batches(monkeypatch):
-    """Above DENSE_GEMM_MIN_ROWS rows the kernel dequantizes once and calls the dense GEMM."""
+    """Above DENSE_GEMM_MIN_ROWS rows the kernel dequantizes once into a kept scratch buffer and calls the dense
+    GEMM; a smaller layer reuses the buffer, a larger one replaces it."""
     monkeypatch.setattr(triton_quant, "DENSE_GEMM_MIN_ROWS", 8)
-    qweight, scales, zeros, dense = _grouped(4, 64, 24, 32, seed=9)
-    x = torch.randn(9, 64)
-    out = torch.empty(9, 24)
-    triton_quant.quant_gemm(out, x, qweight, scales, zeros, 4, 32)
-    torch.testing.assert_close(out, x @ dense)
+    monkeypatch.setattr(triton_quant, "_dense_scratch", {})
+    for k, n in [(64, 24), (32, 24), (96, 40)]:
+        qweight, scales, zeros, dense = _grouped(4, k, n, 32, seed=9 + k)
+        x = torch.randn(9, k)
+        out = torch.empty(9, n)
+        triton_quant.quant_gemm(out, x, qweight, scales, zeros, 4, 32)
+        torch.testing.assert_close(out, x @ dense)
+        buffers = list(triton_quant._dense_scratch.values())
+        assert len(buffers) == 1 and buffers[0].numel() == max(64 * 24, k * n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

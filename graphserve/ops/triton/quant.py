@@ -57,6 +57,7 @@ def _quant_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    ROW_LOADS: tl.constexpr,  # every row k loads its own word (else each word once, unpacked by a reshape)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
 ):
     """out[m-tile, n-tile] <- x[m-tile, :] @ dequant(W)[:, n-tile] (this program's share of K when split)."""
@@ -77,10 +78,10 @@ def _quant_matmul_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Small tiles: each row k reads the word holding its code (the PACK rows of one word hit the same cache
-        # line) and shifts its own field out, so the tile stays in the layout it was loaded in (faster up to 64
-        # rows on the H200); large tiles read each word once (the repeated reads cost more there).
-        if BLOCK_M >= 128:  # large tiles: load each word once and unpack through a reshape
+        # Two ways to unpack a step's codes: every row k reads the word holding its code and shifts its own field
+        # out (no reshape, but each word is staged PACK times in the pipeline's shared memory), or each word is
+        # read once and split by a reshape. Which is faster depends on the tile (GemmConfig.row_loads).
+        if not ROW_LOADS:  # load each word once and unpack through a reshape
             offs_w = step * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
             words = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                             mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
@@ -165,6 +166,7 @@ class GemmConfig:
     block_m: int = 16  # dot
     block_k: int = 128  # dot
     num_stages: int = 3  # dot
+    row_loads: int = 1  # dot: 1 = every row loads its word, 0 = each word once + reshape
 
 
 # Batches of at most GEMV_MAX_ROWS rows (decode) run the GEMV; larger ones the tiled kernel, split along K while
@@ -173,6 +175,7 @@ class GemmConfig:
 GEMV_MAX_ROWS = 1
 GEMV_BLOCK_N, GEMV_BLOCK_R, GEMV_WARPS = 128, 16, 4
 PROGRAMS_PER_SM = 4
+ROW_LOADS_MAX_ROWS = 64
 # rows -> (block m, n, k, warps, stages)
 TILES = {16: (16, 32, 128, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
 SQUEEZE_TILES = {16: (16, 32, 64, 4, 4), **TILES}
@@ -203,7 +206,8 @@ def choose_config(m: int, n: int, k: int, bits: int, group_size: int, device: to
     block_k = block_k_for(k, group_size, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_k(tiles, triton.cdiv(k, block_k), sms, 8)
-    return GemmConfig("dot", block_n, split, warps, block_m=block_m, block_k=block_k, num_stages=stages)
+    return GemmConfig("dot", block_n, split, warps, block_m=block_m, block_k=block_k, num_stages=stages,
+                      row_loads=int(m <= ROW_LOADS_MAX_ROWS))
 
 
 def launch(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
@@ -227,7 +231,8 @@ def launch(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: tor
         out, x, qweight, table, table if squeeze else zeros, ws, lock, m, n, k,
         out.stride(0), x.stride(0), qweight.stride(0), 0 if squeeze else table.stride(0),
         BITS=bits, GROUP_SIZE=group_size, SQUEEZE=squeeze, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=split, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
+        BLOCK_K=config.block_k, SPLIT_K=split, ROW_LOADS=bool(config.row_loads), IEEE=x.dtype == torch.float32,
+        num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
 
@@ -251,6 +256,23 @@ def quant_dequantize(
     )
 
 
+_dense_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dense_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One flat buffer per device and dtype for the dequantized matrix of the large-batch path, grown to the largest
+    layer and kept. A fresh [K, N] tensor per GEMM made the caching allocator return and re-map hundreds of MB per
+    layer once the KV cache filled the GPU (TTFT of a 1 k prompt 45 ms instead of 32 ms on the H200); kept, it is
+    allocated during the start-up memory profile (a max_num_batched_tokens step) and the KV cache is sized around it.
+    """
+    key = (device, dtype)
+    buffer = _dense_scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _dense_scratch.pop(key, None)
+        buffer = _dense_scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
+
+
 def quant_gemm(
     out: torch.Tensor,  # [M, N]
     x: torch.Tensor,  # [M, K]
@@ -263,7 +285,8 @@ def quant_gemm(
     """Triton `graphserve::quant_gemm`: fused for small and medium batches, dequantize + dense GEMM above."""
     x = x.contiguous()
     if x.shape[0] >= DENSE_GEMM_MIN_ROWS:
-        dense = torch.empty(x.shape[1], out.shape[1], dtype=x.dtype, device=x.device)
+        dense = dense_scratch(x.shape[1] * out.shape[1], x.dtype, x.device)[: x.shape[1] * out.shape[1]]
+        dense = dense.view(x.shape[1], out.shape[1])
         quant_dequantize(dense, qweight, scales, zeros, bits, group_size)
         torch.matmul(x, dense, out=out)
         return
@@ -282,7 +305,8 @@ def squeezellm_gemm(
     m, k = x.shape
     block_m, block_n, block_k, warps, stages = next(t for rows, t in SQUEEZE_TILES.items() if m <= rows)
     launch(out, x.contiguous(), qweight, lookup_table.contiguous(), None, 4, k,
-           GemmConfig("dot", block_n, 1, warps, block_m=block_m, block_k=block_k, num_stages=stages))
+           GemmConfig("dot", block_n, 1, warps, block_m=block_m, block_k=block_k, num_stages=stages,
+                      row_loads=int(m <= ROW_LOADS_MAX_ROWS)))
 
 
 def register(dispatch_key: str) -> dict[str, str]:
