@@ -3,10 +3,10 @@
 Three paths by batch size, chosen per call by `choose_config`:
 - one row (batch-1 decode): the GEMV kernel of ops/triton/quant_gemv.py, split along K so every SM streams;
 - medium batches: a tiled kernel; each program owns a BLOCK_M x BLOCK_N output tile and walks (its share of) K in
-  BLOCK_K steps that never straddle a group. Every row k of the step loads the packed word holding its code (the
-  words of neighbouring rows are the same cache line) and shifts its field out, so the weight tile stays in the
-  layout it was loaded in; codes become floats by the exponent trick (exact, no int -> float instruction), get the
-  tile's one scale / zero row and feed `tl.dot` in the activation dtype with an fp32 accumulator;
+  BLOCK_K steps that never straddle a group, loading each packed word once and splitting it into its codes; codes
+  become floats by the exponent trick (exact, no int -> float instruction), get the tile's one scale / zero row
+  and feed `tl.dot` in the activation dtype with an fp32 accumulator; split along K (a deterministic in-kernel
+  reduction, ops/triton/quant_gemv.py) while the output tiles alone would leave SMs idle;
 - very large batches (prefill): one dequantization of the matrix, then the dense GEMM.
 Everything is queued on the current stream without a host sync (graph-safe).
 """
@@ -57,7 +57,6 @@ def _quant_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    ROW_LOADS: tl.constexpr,  # every row k loads its own word (else each word once, unpacked by a reshape)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
 ):
     """out[m-tile, n-tile] <- x[m-tile, :] @ dequant(W)[:, n-tile] (this program's share of K when split)."""
@@ -78,19 +77,14 @@ def _quant_matmul_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Two ways to unpack a step's codes: every row k reads the word holding its code and shifts its own field
-        # out (no reshape, but each word is staged PACK times in the pipeline's shared memory), or each word is
-        # read once and split by a reshape. Which is faster depends on the tile (GemmConfig.row_loads).
-        if not ROW_LOADS:  # load each word once and unpack through a reshape
-            offs_w = step * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
-            words = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                            mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
-            shifts = tl.arange(0, PACK) * BITS
-            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & CODE_MASK, (BLOCK_K, BLOCK_N))
-        else:
-            packed = tl.load(qw_ptr + (offs_k // PACK)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                             mask=mask_k[:, None] & mask_n[None, :], other=0)
-            codes = (packed >> ((offs_k % PACK) * BITS)[:, None]) & CODE_MASK  # [BLOCK_K, BLOCK_N]
+        # Each packed word is loaded once (coalesced along N) and split into its PACK codes by a reshape. (Having
+        # every row k load its own word instead avoids the reshape but stages each word PACK times in the
+        # pipeline's shared memory: slower at every tile timed on the H200, quant_variants_dot.json.)
+        offs_w = step * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
+        words = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                        mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
+        shifts = tl.arange(0, PACK) * BITS
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & CODE_MASK, (BLOCK_K, BLOCK_N))
         if SQUEEZE:
             w = tl.load(s_ptr + offs_n[None, :].to(tl.int64) * 16 + codes, mask=mask_n[None, :], other=0.0)
             w = w.to(tl.float32)
@@ -166,7 +160,6 @@ class GemmConfig:
     block_m: int = 16  # dot
     block_k: int = 128  # dot
     num_stages: int = 3  # dot
-    row_loads: int = 1  # dot: 1 = every row loads its word, 0 = each word once + reshape
 
 
 # Batches of at most GEMV_MAX_ROWS rows (decode) run the GEMV; larger ones the tiled kernel, split along K while
@@ -175,9 +168,8 @@ class GemmConfig:
 GEMV_MAX_ROWS = 1
 GEMV_BLOCK_N, GEMV_BLOCK_R, GEMV_WARPS = 128, 16, 4
 PROGRAMS_PER_SM = 4
-ROW_LOADS_MAX_ROWS = 64
 # rows -> (block m, n, k, warps, stages)
-TILES = {16: (16, 32, 128, 4, 4), 64: (64, 64, 128, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+TILES = {16: (16, 32, 128, 4, 4), 64: (64, 128, 64, 4, 4), 1 << 30: (128, 128, 64, 8, 3)}
 SQUEEZE_TILES = {16: (16, 32, 64, 4, 4), **TILES}
 
 
@@ -206,8 +198,7 @@ def choose_config(m: int, n: int, k: int, bits: int, group_size: int, device: to
     block_k = block_k_for(k, group_size, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_k(tiles, triton.cdiv(k, block_k), sms, 8)
-    return GemmConfig("dot", block_n, split, warps, block_m=block_m, block_k=block_k, num_stages=stages,
-                      row_loads=int(m <= ROW_LOADS_MAX_ROWS))
+    return GemmConfig("dot", block_n, split, warps, block_m=block_m, block_k=block_k, num_stages=stages)
 
 
 def launch(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
@@ -231,8 +222,7 @@ def launch(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, table: tor
         out, x, qweight, table, table if squeeze else zeros, ws, lock, m, n, k,
         out.stride(0), x.stride(0), qweight.stride(0), 0 if squeeze else table.stride(0),
         BITS=bits, GROUP_SIZE=group_size, SQUEEZE=squeeze, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=split, ROW_LOADS=bool(config.row_loads), IEEE=x.dtype == torch.float32,
-        num_warps=config.num_warps,
+        BLOCK_K=config.block_k, SPLIT_K=split, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
 
@@ -305,8 +295,7 @@ def squeezellm_gemm(
     m, k = x.shape
     block_m, block_n, block_k, warps, stages = next(t for rows, t in SQUEEZE_TILES.items() if m <= rows)
     launch(out, x.contiguous(), qweight, lookup_table.contiguous(), None, 4, k,
-           GemmConfig("dot", block_n, 1, warps, block_m=block_m, block_k=block_k, num_stages=stages,
-                      row_loads=int(m <= ROW_LOADS_MAX_ROWS)))
+           GemmConfig("dot", block_n, 1, warps, block_m=block_m, block_k=block_k, num_stages=stages))
 
 
 def register(dispatch_key: str) -> dict[str, str]:
