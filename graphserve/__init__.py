@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
 
 if TYPE_CHECKING:
     from graphserve.entrypoints.llm import LLM
+    from graphserve.lora.request import LoRARequest
     from graphserve.outputs import CompletionOutput, RequestOutput
     from graphserve.sampling_params import SamplingParams
 
@@ -17,6 +18,7 @@ _LAZY = {
     "SamplingParams": "graphserve.sampling_params",
     "RequestOutput": "graphserve.outputs",
     "CompletionOutput": "graphserve.outputs",
+    "LoRARequest": "graphserve.lora.request",
 }
 
 

@@ -142,6 +142,29 @@ class CompilationConfig:
         return self.cudagraph_capture_sizes[-1] if self.use_cudagraph else 0
 
 
+# Ranks the stacked adapter buffers may be sized for (vLLM's choices).
+SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (`--enable-lora`): adapter slots on the device and adapters kept on the host."""
+
+    max_loras: int = 1  # adapters one step may use = device slots of the stacked LoRA weights
+    max_lora_rank: int = 16  # the slots' rank; an adapter of a larger rank is refused
+    max_cpu_loras: int | None = None  # adapters kept loaded on the host (LRU); None = max_loras
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in SUPPORTED_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {SUPPORTED_LORA_RANKS}, got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        elif self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The whole tree, built once by `EngineArgs.create_engine_config()`."""
@@ -151,3 +174,4 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    lora_config: LoRAConfig | None = None  # None: LoRA adapters are refused

@@ -22,6 +22,8 @@ from graphserve.engine.arg_utils import EngineArgs
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from graphserve.benchmarks.lora_adapters import add_lora_bench_args
+
     """Register the latency benchmark's flags and the engine flags on `parser`."""
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256],
                         help="decode batch sizes, each run as one fixed batch")
@@ -33,15 +35,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="timed repeats per point (decode: the best run; TTFT: the median, and the best)")
     parser.add_argument("--out", default=None, help="write the JSON record to this file")
     parser.add_argument("--verbose", action="store_true", help="log the engine's start-up phases")
+    add_lora_bench_args(parser)
     EngineArgs.add_cli_args(parser)
     return parser
 
 
-def _timed_generate(llm: Any, platform: Any, prompts: list[list[int]], params: Any) -> float:
-    """Seconds for one generate call, with the device synchronised before and after."""
+def _timed_generate(llm: Any, platform: Any, prompts: list[list[int]], params: Any, loras: list | None = None) -> float:
+    """Seconds for one generate call (requests spread over `loras` if given), device synchronised around it."""
+    from graphserve.benchmarks.lora_adapters import spread
+
     platform.synchronize(platform.device())
     t0 = time.perf_counter()
-    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False,
+                 lora_request=spread(loras or [], len(prompts)))
     platform.synchronize(platform.device())
     return time.perf_counter() - t0
 
@@ -85,7 +91,8 @@ def ttft_roofline(cost: Any, ceilings: Any, prompt_len: int, ttft_s: float) -> d
     return row
 
 
-def _decode_point(llm: Any, platform: Any, args: argparse.Namespace, batch_size: int, seeds: Any) -> dict:
+def _decode_point(llm: Any, platform: Any, args: argparse.Namespace, batch_size: int, seeds: Any,
+                  loras: list | None = None) -> dict:
     """Median prefill-only and full times of one batch size; the decode rate is their difference."""
     from graphserve import SamplingParams
     from graphserve.benchmarks.datasets import random_token_prompts
@@ -95,7 +102,7 @@ def _decode_point(llm: Any, platform: Any, args: argparse.Namespace, batch_size:
     def run(params) -> float:
         # Fresh prompts every run, so an (automatic) prefix-cache hit never shortens a prefill.
         prompts = random_token_prompts(batch_size, args.input_len, vocab, next(seeds))
-        return _timed_generate(llm, platform, prompts, params)
+        return _timed_generate(llm, platform, prompts, params, loras)
 
     run(SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     prefill_only = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -128,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
     from graphserve import LLM, SamplingParams
     from graphserve.benchmarks.common import write_record
     from graphserve.benchmarks.datasets import random_token_prompts
+    from graphserve.benchmarks.lora_adapters import bench_lora_requests
     from graphserve.benchmarks.roofline import device_ceilings, loaded_model, model_cost
     from graphserve.benchmarks.tokenizer import bench_engine_args
     from graphserve.platforms import resolve_platform
@@ -152,9 +160,10 @@ def main(args: argparse.Namespace) -> int:
     model = loaded_model(llm)
     cost = model_cost(model, mc) if model is not None else None
     seeds = iter(range(1, 1_000_000))
+    loras = bench_lora_requests(args, llm)
     decode_rows = []
     for bs in args.batch_sizes:
-        row = _decode_point(llm, platform, args, bs, seeds)
+        row = _decode_point(llm, platform, args, bs, seeds, loras)
         row.update(decode_roofline(cost, ceilings, bs, args.input_len, args.output_len, row["decode_s"]))
         decode_rows.append(row)
     ttft_rows = []
@@ -170,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
         "model": engine_args.model, "dtype": mc.dtype, "device": platform.device_name(),
         "ceilings": ceilings.to_dict() if ceilings else None, "model_cost": cost.to_dict() if cost else None,
         "startup_s": round(startup_s, 2), "decode": decode_rows, "ttft": ttft_rows,
+        "lora": {"num_adapters": len(loras), "rank": args.lora_rank} if loras else None,
         "engine_args": {k: v for k, v in vars(engine_args).items() if v is not None},
     }
     write_record("latency", results, args.out, getattr(args, "argv", None))

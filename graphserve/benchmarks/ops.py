@@ -4,7 +4,8 @@ Paged decode attention bandwidth (GB/s: every cached K/V of every context read o
 ceiling), paged prefill attention TFLOP/s (causal pairs only; torch SDPA on the same dense shape next to it, as a
 fraction of the matmul ceiling) and the cache-write bandwidth, plus this run's own copy bandwidth. The shape is
 Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128) unless overridden. Then the quantized GEMM at
-Llama-3-8B's four projection shapes: bandwidth of the packed weights it reads, and the dense GEMM beside it.
+Llama-3-8B's four projection shapes: bandwidth of the packed weights it reads, and the dense GEMM beside it. With
+--lora-batch-sizes, also the multi-LoRA shrink / expand ops at Llama-3-8B's qkv, gate_up and down shapes.
 
     graphserve bench ops --out perf/results/h200/attention_ops.json
 """
@@ -30,6 +31,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='also time launch variants of the quantized GEMM at each --quant-batch-sizes row count: '
                              '"gemv:block_n=128,block_r=16,split_k=4,num_warps=4;dot:block_m=16,block_n=64,..." '
                              '(fields of GemmConfig; split_k=0: the heuristic\'s)')
+    parser.add_argument("--lora-batch-sizes", type=int, nargs="*", default=[],
+                        help="tokens of the multi-LoRA shrink / expand points (none: skip them)")
     parser.add_argument("--skip-attention", action="store_true", help="time only the quantized GEMMs")
     parser.add_argument("--out", default=None, help="write the JSON record to this file")
     return parser
@@ -42,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ValueError("graphserve bench ops times GPU kernels; no GPU is visible")
     from graphserve.benchmarks import attention_kernels as k
-    from graphserve.benchmarks import quant_kernels
+    from graphserve.benchmarks import lora_kernels, quant_kernels
     from graphserve.benchmarks.common import write_record
     from graphserve.platforms import current_platform
 
@@ -63,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
                        for row in quant_kernels.bench_quant_gemm(name, kk, n, args.quant_batch_sizes, args.quant_bits,
                                                                  args.quant_group_size, dtype)]
         if args.quant_batch_sizes else [],
+        "lora": lora_kernels.bench_lora(args.lora_batch_sizes, dtype) if args.lora_batch_sizes else [],
     }
     if args.quant_variants:
         results["quant_variants"] = quant_kernels.bench_variants(

@@ -35,6 +35,8 @@ def _grid_point(text: str) -> tuple[int, int]:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from graphserve.benchmarks.lora_adapters import add_lora_bench_args
+
     """Register the throughput benchmark's flags and the engine flags on `parser`."""
     parser.add_argument("--backend", choices=["graphserve", "transformers", "both"], default="graphserve",
                         help="what runs the workload; both = graphserve and transformers on the same prompts")
@@ -53,6 +55,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--transformers-max-batch-tokens", type=int, default=None,
                         help="token budget per step of transformers' continuous batching (default: its own)")
     parser.add_argument("--out", default=None, help="write the JSON record to this file")
+    add_lora_bench_args(parser)
     EngineArgs.add_cli_args(parser)
     return parser
 
@@ -79,14 +82,16 @@ def _workload(args: argparse.Namespace, index: int, input_len: int | None, vocab
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def run_graphserve(llm: Any, prompts: list[list[int]], output_len: int) -> dict:
-    """Throughput of one workload through `LLM.generate` (greedy, ignore_eos)."""
+def run_graphserve(llm: Any, prompts: list[list[int]], output_len: int, loras: list | None = None) -> dict:
+    """Throughput of one workload through `LLM.generate` (greedy, ignore_eos), spread over `loras` if given."""
     from graphserve import SamplingParams
+    from graphserve.benchmarks.lora_adapters import spread
     from graphserve.benchmarks.roofline import sig
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     t0 = time.perf_counter()
-    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False,
+                           lora_request=spread(loras or [], len(prompts)))
     elapsed = time.perf_counter() - t0
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -142,6 +147,7 @@ def _run_graphserve_points(args: argparse.Namespace, engine_args: Any, points: l
                            prompts: list) -> tuple[list, float, str]:
     """Load the engine once and run every point; returns (rows, load seconds, dtype). Makes the prompts if none."""
     from graphserve import LLM, SamplingParams
+    from graphserve.benchmarks.lora_adapters import bench_lora_requests, spread
 
     t0 = time.perf_counter()
     llm = LLM(**vars(engine_args))
@@ -149,11 +155,13 @@ def _run_graphserve_points(args: argparse.Namespace, engine_args: Any, points: l
     mc = llm.llm_engine.model_config
     if not prompts:
         prompts = [_workload(args, i, n, mc.vocab_size, llm.get_tokenizer()) for i, (n, _) in enumerate(points)]
-    llm.generate(prompt_token_ids=_warm_up_prompts(args, mc.vocab_size),
-                 sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    loras = bench_lora_requests(args, llm)
+    warm_up = _warm_up_prompts(args, mc.vocab_size)
+    llm.generate(prompt_token_ids=warm_up, sampling_params=SamplingParams(max_tokens=2), use_tqdm=False,
+                 lora_request=spread(loras, len(warm_up)))
     rows = []
     for (_, output_len), workload in zip(points, prompts):
-        rows.append(run_graphserve(llm, workload, output_len))
+        rows.append(run_graphserve(llm, workload, output_len, loras))
         _print_point("graphserve", rows[-1])
     return rows, load_s, mc.dtype
 
@@ -198,6 +206,8 @@ def main(args: argparse.Namespace) -> int:
         "backend": args.backend, "model": engine_args.model or "SmolLM2-135M-Instruct (default model)",
         "dtype": dtype or (hf_info or {}).get("dtype"), "load_s": round(load_s, 2) if load_s is not None else None,
         "transformers": hf_info, "points": _merge(points, args.num_prompts, gs_rows, hf_rows),
+        "lora": ({"num_adapters": args.num_lora_adapters, "rank": args.lora_rank} if args.num_lora_adapters
+                 else None),
         "engine_args": {k: v for k, v in vars(engine_args).items() if v is not None},
     }
     write_record("offline_throughput", results, args.out, getattr(args, "argv", None))

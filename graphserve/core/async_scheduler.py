@@ -9,7 +9,7 @@ tokens count as computed from the moment they are scheduled, so step N+1 starts 
 """
 from __future__ import annotations
 
-from graphserve.config import CacheConfig, SchedulerConfig
+from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler import Scheduler
 from graphserve.core.scheduler_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
@@ -42,7 +42,8 @@ class AsyncScheduler(Scheduler):
         return super().update_from_output(scheduler_output, model_runner_output)
 
 
-def create_scheduler(scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> Scheduler:
+def create_scheduler(scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                     lora_config: LoRAConfig | None = None) -> Scheduler:
     """The AsyncScheduler when the engine keeps a step in flight, else the plain Scheduler."""
     cls = AsyncScheduler if scheduler_config.async_scheduling else Scheduler
-    return cls(scheduler_config, cache_config)
+    return cls(scheduler_config, cache_config, lora_config)

@@ -48,11 +48,17 @@ def hash_block_tokens(
 def block_extra_keys(request: Request, block_index: int) -> tuple[Any, ...] | None:
     """The non-token keys of one block of the request (None when there are none).
 
-    The salt goes into the first block only: the chain carries it into every later hash.
+    The salt and the LoRA adapter go into the first block only: the chain carries them into every later hash, so
+    a request never reuses blocks computed under another adapter (or the base model), nor another tenant's.
     """
-    if block_index == 0 and request.cache_salt is not None:
-        return ("cache_salt", request.cache_salt)
-    return None
+    if block_index != 0:
+        return None
+    keys: tuple[Any, ...] = ()
+    if request.cache_salt is not None:
+        keys += ("cache_salt", request.cache_salt)
+    if request.lora_request is not None:
+        keys += request.lora_request.cache_key
+    return keys or None
 
 
 def extend_block_hashes(request: Request, block_size: int, num_tokens: int) -> list[BlockHash]:

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from graphserve.lora.request import LoRARequest
     from graphserve.sampling_params import SamplingParams
 
 
@@ -47,6 +48,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -68,6 +70,7 @@ class Request:
         self.max_tokens: int = sampling_params.max_tokens if sampling_params.max_tokens is not None else 0
         # Prefix caching: a salt isolates the cache between tenants; hashes of the full blocks of all_token_ids.
         self.cache_salt = cache_salt
+        self.lora_request = lora_request  # the adapter every token of it runs through (None: the base model)
         self.block_hashes: list[bytes] = []
         # Prompt tokens found in the prefix cache when first scheduled (reported in RequestOutput).
         self.num_cached_tokens = 0
@@ -75,6 +78,11 @@ class Request:
         # Set by the KVCacheManager: once num_computed_tokens reaches it, the next full block can be cached
         # (sys.maxsize while prefix caching is off or the request holds no blocks). One compare per step.
         self.next_cache_boundary = sys.maxsize
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's engine id, 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_tokens(self) -> int:

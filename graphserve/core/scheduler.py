@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from graphserve.config import CacheConfig, SchedulerConfig
+from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from graphserve.core.kv_cache_manager import KVCacheManager, cdiv
 from graphserve.core.kv_cache_utils import BlockHash
 from graphserve.core.request import Request, RequestStatus
@@ -69,7 +69,8 @@ def _truncate_logprobs(logprobs: LogprobsLists | None, num_positions: int) -> Lo
 class Scheduler:
     """Decides, each step, which requests compute how many tokens, and books their KV blocks."""
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 lora_config: LoRAConfig | None = None) -> None:
         if cache_config.num_blocks is None:
             raise ValueError("cache_config.num_blocks must be resolved (by the worker) before building the Scheduler")
         self.scheduler_config = scheduler_config
@@ -80,6 +81,8 @@ class Scheduler:
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.block_size = cache_config.block_size
         self.enable_prefix_caching = cache_config.enable_prefix_caching
+        # Distinct LoRA adapters the running requests may use (the device slots); 0 = LoRA off.
+        self.max_loras = lora_config.max_loras if lora_config is not None else 0
         self.kv_cache_manager = KVCacheManager(
             cache_config.block_size, cache_config.num_blocks, enable_caching=self.enable_prefix_caching
         )
@@ -247,8 +250,13 @@ class Scheduler:
         kv_cache_manager = self.kv_cache_manager
         being_written: set[BlockHash] | None = None  # built on first need
         deferred: list[Request] = []
+        active_loras = {r.lora_int_id for r in running if r.lora_int_id} if self.max_loras else set()
         while waiting and token_budget > 0 and len(running) < self.max_num_seqs:
             request = waiting[0]
+            lora_id = request.lora_int_id
+            if self.max_loras and lora_id and lora_id not in active_loras and len(active_loras) >= self.max_loras:
+                deferred.append(waiting.popleft())  # its adapter waits for a free slot; it keeps its place
+                continue
             computed_blocks, num_computed_tokens = kv_cache_manager.get_computed_blocks(request)
             next_hash = kv_cache_manager.next_block_hash(request, len(computed_blocks))
             if next_hash is not None:
@@ -266,6 +274,8 @@ class Scheduler:
                 break
             waiting.popleft()
             running.append(request)
+            if lora_id:
+                active_loras.add(lora_id)
             self._admit(request, num_computed_tokens, new_reqs)
             start = request.num_computed_tokens
             if being_written is not None:
@@ -298,6 +308,7 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 block_ids=self.kv_cache_manager.get_block_ids(req_id),
                 num_computed_tokens=num_computed_tokens,
+                lora_request=request.lora_request,
             )
         )
 

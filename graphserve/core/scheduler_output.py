@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from graphserve.lora.request import LoRARequest
     from graphserve.sampling_params import SamplingParams
 
 
@@ -21,6 +22,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose KV is already in the blocks
+    lora_request: LoRARequest | None = None  # the adapter its tokens run through
 
 
 @dataclass

@@ -12,6 +12,7 @@ from graphserve.config import (
     CompilationLevel,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     SchedulerConfig,
     default_cudagraph_capture_sizes,
     normalize_dtype,
@@ -71,6 +72,10 @@ class EngineArgs:
     async_scheduling: bool | None = None  # overlap host work with the device; None = the platform's default (GPU on)
     attention_backend: str | None = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
     quantization: str | None = None  # awq | gptq | squeezellm; None = what the checkpoint says
+    enable_lora: bool = False  # serve PEFT LoRA adapters per request (LoRARequest)
+    max_loras: int = 1  # distinct adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # adapters cached on the host; None = max_loras
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -113,8 +118,10 @@ class EngineArgs:
             async_scheduling=async_scheduling,
         )
         device_config = DeviceConfig(self.device, platform.name.value, attention_backend)
+        lora_config = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora
+                       else None)
         return EngineConfig(model_config, cache_config, scheduler_config, device_config,
-                            self.create_compilation_config(self.max_num_seqs, platform.capabilities))
+                            self.create_compilation_config(self.max_num_seqs, platform.capabilities), lora_config)
 
     def create_compilation_config(
         self, max_num_seqs: int, capabilities: PlatformCapabilities | None = None
@@ -192,6 +199,13 @@ class EngineArgs:
                        choices=backend_names(),
                        help="attention implementation (default: the platform's, PAGED_ATTN); "
                             "TORCH_SDPA runs torch's scaled_dot_product_attention, without CUDA graphs")
+        g.add_argument("--enable-lora", action="store_true", default=d.enable_lora,
+                       help="serve PEFT LoRA adapters (many in one batch, over one base model)")
+        g.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct LoRA adapters in one step")
+        g.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                       help="largest adapter rank (8, 16, 32, 64, 128 or 256)")
+        g.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras,
+                       help="adapters kept loaded on the host (default: --max-loras)")
         g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,
                        help="decode batch sizes captured as CUDA/HIP graphs (default: 1 2 4 8 16 ... max-num-seqs)")
         return parser

@@ -22,6 +22,7 @@ from graphserve.engine.core_client import EngineCoreOutputs, EngineDeadError, ma
 from graphserve.engine.input_processor import InputProcessor, PromptType
 from graphserve.engine.output_processor import OutputProcessor
 from graphserve.engine.tokenizer import get_tokenizer
+from graphserve.lora.request import LoRARequest
 from graphserve.metrics.stats import RequestStatsTracker, StatLoggerBase
 from graphserve.outputs import RequestOutput
 from graphserve.sampling_params import RequestOutputKind, SamplingParams
@@ -116,7 +117,7 @@ class AsyncLLM:
         gguf_file = mc.gguf_file if mc.tokenizer == mc.model else None
         self.tokenizer = get_tokenizer(mc.tokenizer, gguf_file=gguf_file, chat_template=chat_template)
         self.model_config = mc
-        self.input_processor = InputProcessor(mc, self.tokenizer)
+        self.input_processor = InputProcessor(mc, self.tokenizer, config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=True)
         self.log_requests = log_requests
         self.stat_loggers = list(stat_loggers)
@@ -142,6 +143,7 @@ class AsyncLLM:
         params: SamplingParams,
         add_special_tokens: bool = True,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Validate and queue one prompt; returns its stream. Raises ValueError for a bad request.
 
@@ -153,7 +155,8 @@ class AsyncLLM:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         children = self.input_processor.process_inputs(
-            request_id, prompt, params, arrival_time=arrival_time, add_special_tokens=add_special_tokens
+            request_id, prompt, params, arrival_time=arrival_time, add_special_tokens=add_special_tokens,
+            lora_request=lora_request,
         )
         first = children[0]
         self._check_fits_kv_cache(first)
@@ -174,10 +177,11 @@ class AsyncLLM:
         return stream
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str, add_special_tokens: bool = True
+        self, prompt: PromptType, params: SamplingParams, request_id: str, add_special_tokens: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """vLLM's AsyncLLM.generate: yield the request's outputs; leaving early (or being cancelled) aborts it."""
-        stream = self.add_request(request_id, prompt, params, add_special_tokens)
+        stream = self.add_request(request_id, prompt, params, add_special_tokens, lora_request=lora_request)
         try:
             async for output in stream:
                 yield output

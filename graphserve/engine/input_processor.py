@@ -7,9 +7,11 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from graphserve.config import ModelConfig
+from graphserve.config import LoRAConfig, ModelConfig
 from graphserve.core.request import Request
 from graphserve.engine.tokenizer import load_chat_template
+from graphserve.lora.peft import AdapterRegistry
+from graphserve.lora.request import LoRARequest
 from graphserve.sampling_params import SamplingParams
 
 # A prompt is text, token ids, or a dict with "prompt" and/or "prompt_token_ids" (vLLM's TextPrompt/TokensPrompt).
@@ -23,9 +25,11 @@ _PROMPT_DICT_KEYS = _PROMPT_KEYS + ("cache_salt",)  # cache_salt: prefix-cache i
 class InputProcessor:
     """Turns prompts and chat messages into validated child Requests for the scheduler."""
 
-    def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+                 lora_config: LoRAConfig | None = None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.adapters = AdapterRegistry(model_config, lora_config)
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
 
@@ -80,6 +84,7 @@ class InputProcessor:
         params: SamplingParams,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> list[Request]:
         """Tokenize and validate one prompt and fan it out into best_of child Requests.
 
@@ -92,6 +97,7 @@ class InputProcessor:
         cache_salt = get_cache_salt(prompt)
         max_tokens = self._validate_lengths(len(prompt_token_ids), params.max_tokens)
         self._validate_params(params)
+        self.adapters.check(lora_request)
         parent_params = params.clone()
         parent_params.update_from_generation_config(self.model_config.eos_token_ids)
         if arrival_time is None:
@@ -108,7 +114,7 @@ class InputProcessor:
                 child_params.seed = parent_params.seed + i
             request = Request(
                 child_id, prompt_token_ids, child_params, self.model_config.eos_token_ids, arrival_time,
-                cache_salt=cache_salt,
+                cache_salt=cache_salt, lora_request=lora_request,
             )
             request.max_tokens = max_tokens
             children.append(request)

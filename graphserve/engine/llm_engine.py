@@ -11,6 +11,7 @@ from graphserve.engine.engine_core import EngineCore
 from graphserve.engine.input_processor import InputProcessor
 from graphserve.engine.output_processor import OutputProcessor
 from graphserve.engine.tokenizer import get_tokenizer
+from graphserve.lora.request import LoRARequest
 from graphserve.outputs import RequestOutput
 from graphserve.sampling_params import SamplingParams
 
@@ -25,7 +26,7 @@ class LLMEngine:
         # A GGUF model carries its own tokenizer; an explicit tokenizer directory is a plain HF one.
         gguf_file = mc.gguf_file if mc.tokenizer == mc.model else None
         self.tokenizer = get_tokenizer(mc.tokenizer, gguf_file=gguf_file, chat_template=chat_template)
-        self.input_processor = InputProcessor(mc, self.tokenizer)
+        self.input_processor = InputProcessor(mc, self.tokenizer, config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)
         self.config = self.engine_core.config
@@ -43,12 +44,15 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Validate and queue one prompt (text, token ids or a dict); raises ValueError on bad input."""
+        """Validate and queue one prompt (text, token ids or a dict), through `lora_request`'s adapter if given;
+        raises ValueError on bad input."""
         if request_id in self.output_processor.request_states:
             raise ValueError(f"request id {request_id!r} is already in use")
         children = self.input_processor.process_inputs(
-            request_id, prompt, params, arrival_time=arrival_time, add_special_tokens=add_special_tokens
+            request_id, prompt, params, arrival_time=arrival_time, add_special_tokens=add_special_tokens,
+            lora_request=lora_request,
         )
         first = children[0]
         self.output_processor.add_request(

@@ -7,6 +7,7 @@ from typing import Any
 
 from graphserve.engine.arg_utils import EngineArgs
 from graphserve.engine.llm_engine import LLMEngine
+from graphserve.lora.request import LoRARequest
 from graphserve.outputs import RequestOutput
 from graphserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -42,10 +43,14 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         prompt_token_ids: list[list[int]] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in input order."""
+        """Generate for each prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in input order.
+
+        `lora_request`: one adapter for every prompt, or one entry (None = base model) per prompt.
+        """
         prompt_list = self._normalize_prompts(prompts, prompt_token_ids)
-        return self._run(prompt_list, sampling_params, use_tqdm, add_special_tokens=True)
+        return self._run(prompt_list, sampling_params, use_tqdm, add_special_tokens=True, lora_request=lora_request)
 
     def chat(
         self,
@@ -54,6 +59,7 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat template."""
         if not isinstance(messages, list) or not messages:
@@ -66,7 +72,7 @@ class LLM:
             for conv in conversations
         ]
         # The rendered text already holds BOS and the other template tokens.
-        return self._run(texts, sampling_params, use_tqdm, add_special_tokens=False)
+        return self._run(texts, sampling_params, use_tqdm, add_special_tokens=False, lora_request=lora_request)
 
     @staticmethod
     def _normalize_prompts(prompts: Any, prompt_token_ids: list[list[int]] | None) -> list[PromptInput]:
@@ -83,7 +89,8 @@ class LLM:
         return list(prompts)
 
     def _run(
-        self, prompts: list[PromptInput], sampling_params: Any, use_tqdm: bool, add_special_tokens: bool
+        self, prompts: list[PromptInput], sampling_params: Any, use_tqdm: bool, add_special_tokens: bool,
+        lora_request: Any = None,
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -95,15 +102,23 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; they must match"
                 )
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompts)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompts):
+                raise ValueError(f"lora_request has {len(lora_list)} entries for {len(prompts)} prompts; they must "
+                                 "match")
         engine = self.llm_engine
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, lora_list):
                 # Offline callers read only finished outputs: skip building per-step ones (vLLM V1 does too).
                 params = params.clone()
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens)
+                engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens,
+                                   lora_request=lora)
                 request_ids.append(request_id)
         except Exception:
             engine.abort_request(request_ids)  # a bad prompt must not leave the others queued

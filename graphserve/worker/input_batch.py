@@ -10,6 +10,7 @@ from graphserve.attention.backends.base import AttentionInputs
 from graphserve.sample.metadata import SamplingRequestState, needs_output_token_ids
 
 if TYPE_CHECKING:
+    from graphserve.lora.request import LoRARequest
     from graphserve.sampling_params import SamplingParams
 
 
@@ -23,6 +24,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    lora_request: LoRARequest | None = None
     # Shares the token lists above, so a sampled token is appended once for both views.
     sampling: SamplingRequestState = field(init=False, repr=False)
     needs_output_token_ids: bool = field(init=False, repr=False)

@@ -13,6 +13,7 @@ from graphserve.compile.wrapper import create_forward_fn
 from graphserve.config import CompilationLevel, EngineConfig
 from graphserve.core.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from graphserve.layers.attention import bind_attention_backend
+from graphserve.lora.manager import create_adapter_manager
 from graphserve.models.loader import get_model
 from graphserve.platforms import get_platform
 from graphserve.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_topk_logprobs
@@ -64,6 +65,9 @@ class ModelRunner:
         max_tokens = max(self.max_num_tokens, sched.max_num_seqs)
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(
             self.block_size, sched.max_num_seqs, max_tokens, sched.max_model_len, self.device, self.pin_memory)
+        # LoRA adapters (a no-op component when LoRA is off): wraps the projections before compile and capture.
+        self.adapters = create_adapter_manager(self.model, self.model_config, config.lora_config, max_tokens,
+                                               self.device, self.dtype, self.pin_memory)
         self.input_ids = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
         self.positions = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
         self.kv_caches: list[torch.Tensor] = []
@@ -128,6 +132,7 @@ class ModelRunner:
     def _graph_step(self, size: int):
         """The forward a decode graph of `size` rows captures: static inputs, the backend's capture metadata."""
         attn_metadata = self.attn_metadata_builder.build_for_capture(size)
+        self.adapters.prepare_capture(size)
         input_ids, positions = self.input_ids.device[:size], self.positions.device[:size]
         kv_caches, forward_fn = self.kv_caches, self.forward_fn
 
@@ -151,6 +156,7 @@ class ModelRunner:
                 sampling_params=new.sampling_params,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                lora_request=new.lora_request,
             )
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
@@ -177,7 +183,8 @@ class ModelRunner:
             last.get_output()
         pending = last.row_of_request if last is not None and not last.done else {}
         batch = self.input_batch.prepare(states, num_scheduled, pending)
-        hidden_states = self._forward(batch, last.sampled_token_ids if pending else None)
+        hidden_states = self._forward(batch, last.sampled_token_ids if pending else None,
+                                      [st.lora_request for st in states])
         sampler_output = self._sample(states, batch, hidden_states)
         output = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in states])
         self._compute_prompt_logprobs(states, batch, hidden_states, output)
@@ -187,11 +194,12 @@ class ModelRunner:
                                                             sampler_output, self.platform)
         return result
 
-    def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None, lora_requests: list) -> torch.Tensor:
         """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
         num_reqs, num_tokens = batch.num_reqs, batch.num_tokens
         graph_size = self.graph_runner.padded_size(num_reqs, num_tokens) if self.graph_runner is not None else None
         num_input = graph_size or num_tokens
+        self.adapters.prepare_step(lora_requests, batch.query_lens, num_tokens, num_input)
         self.input_ids.np[:num_tokens] = batch.input_ids
         self.positions.np[:num_tokens] = batch.positions
         if graph_size is not None:  # padded rows: token 0 at position 0

@@ -172,3 +172,32 @@ def test_bench_serving_launch_gives_dummy_weights_the_benchmark_tokenizer():
     assert launch_argv("--model m --load-format=dummy --tokenizer t") == ["--model", "m", "--load-format=dummy",
                                                                           "--tokenizer", "t"]
     assert launch_argv("--model m --max-num-seqs 64") == ["--model", "m", "--max-num-seqs", "64"]
+
+
+def test_bench_throughput_and_latency_through_random_lora_adapters(tiny_model, tmp_path):
+    """--num-lora-adapters writes random PEFT adapters and spreads the requests over them (records say so)."""
+    model_dir, _ = tiny_model("llama")
+    lora = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--num-lora-adapters", "3",
+            "--lora-rank", "8"]
+    record = _bench(["throughput", "--model", model_dir, "--dtype", "float32", "--num-prompts", "6", "--input-len",
+                     "8", "--output-len", "4", *lora], tmp_path / "tp.json")
+    assert record["results"]["lora"] == {"num_adapters": 3, "rank": 8}
+    assert record["results"]["points"][0]["graphserve"]["output_tokens"] == 24
+    record = _bench(["latency", "--model", model_dir, "--dtype", "float32", "--batch-sizes", "2", "--input-len", "8",
+                     "--output-len", "3", "--ttft-lens", "--repeats", "1", *lora], tmp_path / "lat.json")
+    assert record["results"]["lora"] == {"num_adapters": 3, "rank": 8}
+
+
+def test_random_adapters_are_valid_peft_adapters(tiny_model, tmp_path):
+    """The benchmark's adapters pass the engine's own checks (every module of every layer, the given rank)."""
+    from graphserve.benchmarks.lora_adapters import write_random_adapters
+    from graphserve.lora.peft import decoder_module_shapes, load_lora_model
+    from graphserve.models.config_loader import create_model_config
+
+    model_dir, _ = tiny_model("llama")
+    model_config = create_model_config(model_dir)
+    shapes = decoder_module_shapes(model_config)
+    (request,) = write_random_adapters(model_config, str(tmp_path), 1, rank=8)
+    model = load_lora_model(request, 8, shapes)
+    assert model.rank == 8 and set(model.modules) == set(shapes)
+    assert all(len(slices) == len(shapes[name].output_sizes) for name, slices in model.modules.items())

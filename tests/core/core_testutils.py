@@ -79,7 +79,7 @@ class _RunnerState:
     token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int] = field(default_factory=list)
-    salt: str | None = None
+    salt: object = None  # (cache salt, LoRA adapter)
     fingerprints: list[int] = field(default_factory=list)  # fingerprints[i]: of (salt, token_ids[:i + 1])
 
     def fingerprint(self, pos: int) -> int:
@@ -117,7 +117,8 @@ class FakeRunner:
             assert new.req_id not in self.states, f"{new.req_id} sent as new while the runner holds it"
             self.states[new.req_id] = _RunnerState(
                 list(new.prompt_token_ids) + list(new.output_token_ids), new.num_computed_tokens, list(new.block_ids),
-                salt=self.scheduler.requests[new.req_id].cache_salt,
+                # The KV depends on the adapter as much as on the salt: a cross-adapter hit fails like a salt leak.
+                salt=(self.scheduler.requests[new.req_id].cache_salt, new.lora_request),
             )
         for cached in so.scheduled_cached_reqs:
             state = self.states[cached.req_id]
@@ -179,11 +180,14 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, lis
     return so, scheduler.update_from_output(so, runner.execute_model(so))
 
 
-def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None) -> list[bytes]:
-    """The hash chain of the full blocks of `token_ids`, rebuilt from the spec (salt in the first block only)."""
+def reference_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None,
+                           lora_key: tuple = ()) -> list[bytes]:
+    """The hash chain of the full blocks of `token_ids`, rebuilt from the spec (salt and adapter in the first block
+    only)."""
     hashes: list[bytes] = []
+    first = (("cache_salt", cache_salt) if cache_salt is not None else ()) + tuple(lora_key)
     for i in range(len(token_ids) // block_size):
-        extra = ("cache_salt", cache_salt) if i == 0 and cache_salt is not None else None
+        extra = first if i == 0 and first else None
         hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size],
                                         extra))
     return hashes
@@ -232,7 +236,8 @@ def check_prefix_cache(scheduler: Scheduler, runner: FakeRunner | None = None) -
         assert not cached
     for request in scheduler.running:
         num_computed_blocks = request.num_computed_tokens // block_size
-        chain = reference_block_hashes(request.all_token_ids, block_size, request.cache_salt)
+        lora_key = request.lora_request.cache_key if request.lora_request is not None else ()
+        chain = reference_block_hashes(request.all_token_ids, block_size, request.cache_salt, lora_key)
         assert request.block_hashes == chain[: len(request.block_hashes)]
         for i, block in enumerate(kv.get_blocks(request.request_id)):
             if block.block_hash is not None:  # cached blocks are full and computed, under their chain hash
@@ -253,7 +258,9 @@ def _check_block_content(runner: FakeRunner, block, block_size: int) -> None:
     assert len(prefix) % block_size == 0
     for j, slot in enumerate(slots):
         assert runner.prefixes[runner.kv[slot]] == (salt, prefix[: len(prefix) - block_size + j + 1])
-    assert reference_block_hashes(list(prefix), block_size, salt)[-1] == block.block_hash
+    cache_salt, lora_request = salt
+    lora_key = lora_request.cache_key if lora_request is not None else ()
+    assert reference_block_hashes(list(prefix), block_size, cache_salt, lora_key)[-1] == block.block_hash
 
 
 def find_output(outputs: list[EngineCoreOutput], req_id: str) -> EngineCoreOutput | None:
