@@ -117,6 +117,7 @@ class LoRAModelManager:
         self.token_lora.np[:size] = -1
         self._upload(size)
 
+    @torch.inference_mode()  # the device buffers are inference tensors, like every step input
     def _upload(self, num_input: int) -> None:
         fill_lora_token_metadata(torch.from_numpy(self.token_lora.np[:num_input]), self.lora_config.max_loras,
                                  torch.from_numpy(self.sorted_ids.np), torch.from_numpy(self.lora_ids.np),

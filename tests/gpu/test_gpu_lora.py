@@ -30,6 +30,7 @@ def _operands(h_in: int, slices: list[int], tokens: int, seed: int):
     lora_b = (torch.randn(SLOTS, sum(slices), RANK, device="cuda", generator=g) * 0.02).bfloat16()
     token_lora = torch.randint(-1, SLOTS, (tokens,), generator=torch.Generator().manual_seed(seed),
                                dtype=torch.int32)
+    token_lora[0] = 3  # at least one row through an adapter (a single -1 row would compare zeros with zeros)
     return x, lora_a, lora_b, token_lora
 
 
@@ -55,7 +56,9 @@ def test_lora_ops_match_reference(cuda_kernels, name, h_in, slices, tokens):
     y, ref_y = y0.clone(), y0.float()
     torch.ops.graphserve.lora_expand(y, ref_buf, lora_b, *meta, offsets)
     get_op("lora_expand").reference(ref_y, ref_buf, lora_b, *meta, offsets)
-    assert rel_err(y.float() - y0.float(), ref_y - y0.float()) < 1e-2
+    assert rel_err(y, ref_y) < 1e-2
+    # The delta alone, within the bf16 rounding of y (~0.4 % of |y|) seen against a delta ~10x smaller than y.
+    assert rel_err(y.float() - y0.float(), ref_y - y0.float()) < 5e-2
 
 
 def test_lora_ops_replay_from_a_graph_with_new_slot_maps(cuda_kernels):
@@ -93,7 +96,11 @@ def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_
         loras[name] = LoRARequest(name, i, str(tmp_path / name))
     prompts = [[5, 6, 7], list(range(10, 50)), list(range(100, 117)), [9, 8, 7, 6]]
     names = [None, "a", "b", "a"]
-    expected = [reference_greedy(hf_model if n is None else peft_models[n], p, 12) for n, p in zip(names, prompts)]
+    # The reference runs on the same GPU (a CPU reference differs by fp32 rounding enough to flip near-ties).
+    references = {n: (hf_model if n is None else peft_models[n]).cuda() for n in set(names)}
+    expected = [reference_greedy(references[n], p, 12) for n, p in zip(names, prompts)]
+    hf_model.cpu()
+    del references
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
     with counting_compiles() as startup:

@@ -27,7 +27,8 @@ def write_peft_adapter(hf_model, path: str, r: int, target_modules: list[str], l
 def reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy continuation by transformers (+ peft), prompt alone, EOS not special (as ignore_eos): the argmax of
     a full forward per token (generate's min_new_tokens would mask EOS instead of ignoring it)."""
+    device = next(model.parameters()).device
     ids = list(prompt)
     for _ in range(new_tokens):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
     return ids[len(prompt):]

@@ -30,6 +30,7 @@ from graphserve.engine.arg_utils import EngineArgs
 from graphserve.engine.async_llm import AsyncLLM, EngineDeadError
 from graphserve.entrypoints.openai.cli_args import validate_serve_args
 from graphserve.entrypoints.openai.errors import OpenAIError, error_response, install_exception_handlers
+from graphserve.entrypoints.openai.lora_modules import LoRAModulePath
 from graphserve.entrypoints.openai.middleware import ServerGuardMiddleware
 from graphserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -39,8 +40,10 @@ from graphserve.entrypoints.openai.protocol import (
 )
 from graphserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from graphserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from graphserve.entrypoints.openai.serving_lora import router as lora_router
 from graphserve.entrypoints.openai.serving_models import OpenAIServingModels
 from graphserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from graphserve.lora.peft import AdapterRegistry
 from graphserve.metrics.loggers import LoggingStatLogger
 from graphserve.metrics.prometheus import PrometheusStatLogger
 
@@ -62,6 +65,7 @@ class ServerSettings:
     allowed_headers: tuple = ("*",)
     allow_credentials: bool = False
     log_stats_interval: float = 10.0
+    lora_modules: tuple[LoRAModulePath, ...] = ()  # adapters served from the start (--lora-modules)
 
 
 class ServerState:
@@ -73,6 +77,7 @@ class ServerState:
         self.chat_template = chat_template
         self.prometheus = PrometheusStatLogger(settings.served_model_names[0], config.model_config.max_model_len)
         self.engine: AsyncLLM | None = None
+        self.models: OpenAIServingModels | None = None
         self.load_error: BaseException | None = None
         self.ready = False
         self.draining = False
@@ -83,6 +88,12 @@ class ServerState:
     def _build_engine(self) -> AsyncLLM:
         return AsyncLLM(self.config, chat_template=self.chat_template, log_requests=self.settings.log_requests,
                         stat_loggers=[self.prometheus, LoggingStatLogger()])
+
+    def _build_models(self, engine: AsyncLLM) -> OpenAIServingModels:
+        """The served names and the --lora-modules adapters, checked through the engine's adapter registry."""
+        s = self.settings
+        return OpenAIServingModels(s.served_model_names, engine.model_config.model, engine.model_config.max_model_len,
+                                   engine.input_processor.adapters, s.lora_modules)
 
     async def load_engine(self) -> None:
         """Load the model on a daemon thread (a shutdown during loading need not wait for it), then open."""
@@ -101,8 +112,12 @@ class ServerState:
             error, engine = None, None
             try:
                 engine = self._build_engine()
+                self.models = self._build_models(engine)
             except BaseException as e:  # noqa: BLE001 (handed to the loop)
                 error = e
+                if engine is not None:
+                    engine.shutdown()
+                    engine = None
             try:
                 loop.call_soon_threadsafe(settle, error, engine)
             except RuntimeError:  # the server stopped while the model was loading: nobody waits any more
@@ -121,12 +136,10 @@ class ServerState:
         self._open(self.engine)
 
     def _open(self, engine: AsyncLLM) -> None:
-        s = self.settings
-        names, max_model_len = s.served_model_names, engine.model_config.max_model_len
-        self.models = OpenAIServingModels(names, engine.model_config.model, max_model_len)
-        self.completion = OpenAIServingCompletion(engine, names, s.max_n)
-        self.chat = OpenAIServingChat(engine, names, s.max_n, response_role=s.response_role)
-        self.tokenization = OpenAIServingTokenization(engine, names, s.max_n)
+        s, models = self.settings, self.models
+        self.completion = OpenAIServingCompletion(engine, models, s.max_n)
+        self.chat = OpenAIServingChat(engine, models, s.max_n, response_role=s.response_role)
+        self.tokenization = OpenAIServingTokenization(engine, models, s.max_n)
         if s.log_stats_interval > 0:
             self._stats_task = asyncio.get_running_loop().create_task(engine.run_stat_logging(s.log_stats_interval))
         self.ready = True
@@ -173,7 +186,7 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def show_available_models(request: Request) -> JSONResponse:
-    """The served model names."""
+    """The served model names and the loaded LoRA adapters."""
     return JSONResponse(_state(request).models.show_available_models().model_dump())
 
 
@@ -228,6 +241,7 @@ def build_app(config: EngineConfig, settings: ServerSettings, chat_template: str
     app.state.server = state
     install_exception_handlers(app)
     app.include_router(router)
+    app.include_router(lora_router)
     app.add_middleware(ServerGuardMiddleware, state=state, api_key=settings.api_key,
                        max_body_bytes=settings.max_request_size)
     # Added last, so outermost: preflights and error responses carry the CORS headers too.
@@ -266,7 +280,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_headers=tuple(args.allowed_headers),
         allow_credentials=args.allow_credentials,
         log_stats_interval=envs.GRAPHSERVE_LOG_STATS_INTERVAL,
+        lora_modules=tuple(args.lora_modules or ()),
     )
+
+
+def check_lora_modules(config: EngineConfig, settings: ServerSettings) -> None:
+    """Fail fast, before the model loads: every --lora-modules adapter must fit the model (ValueError naming it)."""
+    if settings.lora_modules:
+        mc = config.model_config
+        OpenAIServingModels(settings.served_model_names, mc.model, mc.max_model_len,
+                            AdapterRegistry(mc, config.lora_config), settings.lora_modules)
 
 
 def build_server(args: argparse.Namespace) -> tuple[GracefulServer, socket.socket, FastAPI]:
@@ -275,6 +298,7 @@ def build_server(args: argparse.Namespace) -> tuple[GracefulServer, socket.socke
     engine_args = EngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config()
     settings = settings_from_args(args)
+    check_lora_modules(config, settings)
     app = build_app(config, settings, chat_template=engine_args.chat_template)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from graphserve.engine.arg_utils import EngineArgs, parse_memory_size
+from graphserve.entrypoints.openai.lora_modules import LoRAModulePath
 
 UVICORN_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
@@ -24,6 +25,13 @@ def _size(value: str) -> int:
         return parse_memory_size(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 8MiB or a number of bytes, got {value!r}") from None
+
+
+def _lora_module(value: str) -> LoRAModulePath:
+    try:
+        return LoRAModulePath.parse(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
 
 
 def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -54,6 +62,9 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="largest request body, e.g. 8MiB (default); larger is a 413")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT: seconds to let requests in flight finish before aborting them")
+    g.add_argument("--lora-modules", type=_lora_module, nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served from the start, each as the model NAME: name=path "
+                        'or JSON \'{"name": ..., "path": ..., "base_model_name": ...}\'; needs --enable-lora')
     EngineArgs.add_cli_args(parser)
     return parser
 
@@ -74,3 +85,10 @@ def validate_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown-timeout must be non-negative, got {args.shutdown_timeout}")
     if args.api_key == "":
         raise ValueError("--api-key must not be empty")
+    if args.lora_modules:
+        if not args.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        names = [m.name for m in args.lora_modules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"--lora-modules names {duplicates} more than once")

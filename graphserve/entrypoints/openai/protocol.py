@@ -149,6 +149,20 @@ class DetokenizeRequest(OpenAIBaseModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    """POST /v1/load_lora_adapter: serve the PEFT adapter at `lora_path` under the model name `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    """POST /v1/unload_lora_adapter: stop serving `lora_name` (`lora_int_id`, if given, must be its engine id)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 # -- responses ----------------------------------------------------------------------------------------------------
 class ResponseModel(BaseModel):
     """Response bodies."""

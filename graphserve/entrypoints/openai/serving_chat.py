@@ -92,7 +92,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         """Answer one chat request (an SSE stream when request.stream)."""
-        self.check_model(request.model)
+        lora_request = self.check_model(request.model)
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("top_logprobs can only be set when logprobs is true", 400, "top_logprobs")
         try:
@@ -109,9 +109,9 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=num_top,
                                       prompt_logprobs=request.prompt_logprobs)
         role = self.response_role if request.add_generation_prompt else str(request.messages[-1].get("role"))
-        ctx = _Chat(request, f"chatcmpl-{random_uuid()}", self.model_name, params.n, role, num_top)
+        ctx = _Chat(request, f"chatcmpl-{random_uuid()}", self.model_name(lora_request), params.n, role, num_top)
         (stream,) = self.add_requests(ctx.request_id, [prompt], params, request.add_special_tokens,
-                                      request.cache_salt)
+                                      request.cache_salt, lora_request)
         if request.stream:
             return StreamingResponse(self._stream(ctx, stream), media_type="text/event-stream")
         try:

@@ -95,7 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         """Answer one completions request (an SSE stream when request.stream)."""
-        self.check_model(request.model)
+        lora_request = self.check_model(request.model)
         if request.suffix is not None:
             raise OpenAIError("suffix is not currently supported", 400, "suffix")
         prompts = _prompt_list(request.prompt)
@@ -107,8 +107,9 @@ class OpenAIServingCompletion(OpenAIServing):
             logprobs=logprobs,
             prompt_logprobs=logprobs if request.echo and logprobs is not None else request.prompt_logprobs,
         )
-        ctx = _Completion(request, f"cmpl-{random_uuid()}", self.model_name, params.n, echo_only)
-        streams = self.add_requests(ctx.request_id, prompts, params, request.add_special_tokens, request.cache_salt)
+        ctx = _Completion(request, f"cmpl-{random_uuid()}", self.model_name(lora_request), params.n, echo_only)
+        streams = self.add_requests(ctx.request_id, prompts, params, request.add_special_tokens, request.cache_salt,
+                                    lora_request)
         if request.stream:
             return StreamingResponse(self._stream(ctx, streams), media_type="text/event-stream")
         try:

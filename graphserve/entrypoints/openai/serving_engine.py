@@ -1,4 +1,4 @@
-"""What every endpoint handler shares: the engine, the served model names, request admission and streaming helpers."""
+"""What every endpoint handler shares: the engine, the served models, request admission and streaming helpers."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,8 @@ from fastapi import Request
 from graphserve.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestStream
 from graphserve.entrypoints.openai.errors import OpenAIError, error_body
 from graphserve.entrypoints.openai.protocol import SamplingRequest
+from graphserve.entrypoints.openai.serving_models import OpenAIServingModels
+from graphserve.lora.request import LoRARequest
 from graphserve.outputs import RequestOutput
 from graphserve.sampling_params import SamplingParams
 
@@ -113,20 +115,18 @@ class OpenAIServing:
 
     request_fields: tuple[str, ...] = ()  # names that may start a ValueError's message (its `param`)
 
-    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str], max_n: int) -> None:
+    def __init__(self, engine: AsyncLLM, models: OpenAIServingModels, max_n: int) -> None:
         self.engine = engine
-        self.served_model_names = list(served_model_names)
+        self.models = models
         self.max_n = max_n
 
-    @property
-    def model_name(self) -> str:
-        """The name responses report (the first served name)."""
-        return self.served_model_names[0]
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter `model` names, None for the base model (a served name, or no model); 404 otherwise."""
+        return self.models.resolve(model)
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless `model` is one of the served names (a missing model means the served one)."""
-        if model is not None and model not in self.served_model_names:
-            raise OpenAIError(f"The model `{model}` does not exist.", 404, "model")
+    def model_name(self, lora_request: LoRARequest | None = None) -> str:
+        """The name responses report: the adapter's, else the first served name."""
+        return self.models.model_name(lora_request)
 
     def sampling_params(self, request: SamplingRequest, **kwargs: Any) -> SamplingParams:
         """Build and validate the request's SamplingParams (400 naming the field on a bad value)."""
@@ -141,9 +141,10 @@ class OpenAIServing:
 
     def add_requests(
         self, request_id: str, prompts: Sequence[Any], params: SamplingParams, add_special_tokens: bool,
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, lora_request: LoRARequest | None = None,
     ) -> list[RequestStream]:
-        """Queue one engine request per prompt; all or none (a bad prompt aborts the ones already queued)."""
+        """Queue one engine request per prompt (with the request's adapter, if any); all or none (a bad prompt aborts
+        the ones already queued)."""
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
@@ -151,7 +152,8 @@ class OpenAIServing:
                     key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
                     prompt = {key: prompt, "cache_salt": cache_salt}
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(self.engine.add_request(sub_id, prompt, params, add_special_tokens))
+                streams.append(self.engine.add_request(sub_id, prompt, params, add_special_tokens,
+                                                       lora_request=lora_request))
         except Exception as e:
             for stream in streams:
                 stream.abort()
