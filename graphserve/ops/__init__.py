@@ -3,4 +3,13 @@
 Importing this package registers every family. Platforms add device kernels with
 `graphserve.ops._register.get_op(name).impl(dispatch_key, fn)`.
 """
-from graphserve.ops import activation, attention, layernorm, lora, quant, rotary, sampling  # noqa: F401  (registers the ops)
+from graphserve.ops import (  # noqa: F401  (registers the ops)
+    activation,
+    attention,
+    layernorm,
+    lora,
+    quant,
+    rejection_sampler,
+    rotary,
+    sampling,
+)

@@ -18,6 +18,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "sampling",
     "quant",
     "lora",
+    "rejection_sampler",
 )
 
 
