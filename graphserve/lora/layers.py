@@ -3,34 +3,25 @@
 Each wrapped layer owns stacked adapter weights for `max_loras` device slots (formats.md §5.3, packed slices side
 by side): `lora_a` [max_loras, S * R, in] with slice s in rows s*R..s*R+r, and `lora_b` [max_loras, out, R] with the
 slices' outputs stacked along `out` and the scaling folded in; a smaller rank is zero-padded and an empty slot is
-all zeros. The per-token slot map and its sorted form are shared by every layer (`LoRAMetaBuffers`, filled by the
-manager before each step), so a step's forward — eager, compiled or replayed from a CUDA graph — reads the
-adapters of that step with no recompile and no recapture: only buffer contents change.
+all zeros. The per-token slot map and its sorted form are shared by every layer (a `LoRAMeta` of full-size
+buffers, filled by the manager before each step and sliced to the step's tokens), so a step's forward — eager,
+compiled or replayed from a CUDA graph — reads the adapters of that step with no recompile and no recapture:
+only buffer contents change.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from graphserve.layers.linear import LinearBase
-
-
-@dataclass
-class LoRAMetaBuffers:
-    """Device tensors the manager fills each step (the sorted form is what the grouped kernels walk)."""
-
-    token_lora: torch.Tensor  # [max_tokens] int32: slot per token, -1 = base model
-    sorted_token_ids: torch.Tensor  # [max_tokens] int32: tokens stably sorted by slot
-    lora_ids: torch.Tensor  # [max_loras + 1] int32: the distinct slots of the step, ascending, padded with -1
-    lora_token_start: torch.Tensor  # [max_loras + 2] int32: start of each lora_ids entry in sorted_token_ids
+from graphserve.ops import lora as lora_ops
+from graphserve.ops.lora import LoRAMeta
 
 
 class LoRALinear(nn.Module):
     """`base_layer(x)` plus the LoRA delta of each token's slot (the base layer keeps its own weights and method)."""
 
-    def __init__(self, base_layer: LinearBase, max_loras: int, max_rank: int, meta: LoRAMetaBuffers,
+    def __init__(self, base_layer: LinearBase, max_loras: int, max_rank: int, meta: LoRAMeta,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -62,12 +53,11 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         num_tokens = x.shape[0]
         meta = self.meta
-        token_lora, sorted_ids = meta.token_lora[:num_tokens], meta.sorted_token_ids[:num_tokens]
+        step_meta = LoRAMeta(meta.token_lora[:num_tokens], meta.sorted_token_ids[:num_tokens], meta.lora_ids,
+                             meta.lora_token_start)
         buf = torch.empty(num_tokens, self.num_slices * self.max_rank, dtype=torch.float32, device=x.device)
-        torch.ops.graphserve.lora_shrink(buf, x, self.lora_a, token_lora, sorted_ids, meta.lora_ids,
-                                         meta.lora_token_start)
-        torch.ops.graphserve.lora_expand(y, buf, self.lora_b, token_lora, sorted_ids, meta.lora_ids,
-                                         meta.lora_token_start, self.slice_offsets)
+        lora_ops.lora_shrink(buf, x, self.lora_a, step_meta)
+        lora_ops.lora_expand(y, buf, self.lora_b, step_meta, self.slice_offsets)
         return y
 
     def extra_repr(self) -> str:

@@ -19,10 +19,10 @@ from torch import nn
 from graphserve.buffers import StagedBuffer
 from graphserve.config import LoRAConfig, ModelConfig
 from graphserve.layers.linear import LinearBase
-from graphserve.lora.layers import LoRALinear, LoRAMetaBuffers
+from graphserve.lora.layers import LoRALinear
 from graphserve.lora.peft import SLICES, LoRAModel, ModuleShape, decoder_module_shapes, load_lora_model
 from graphserve.lora.request import LoRARequest
-from graphserve.ops.lora import fill_lora_token_metadata
+from graphserve.ops.lora import LoRAMeta, fill_lora_token_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,10 @@ class NoAdapters:
 
     def prepare_step(self, lora_requests: Sequence[LoRARequest | None], query_lens: np.ndarray, num_tokens: int,
                      num_input: int) -> None:
-        if any(r is not None for r in lora_requests):
-            raise ValueError("a LoRA adapter was requested but the engine was started without enable_lora")
+        """Nothing: the engine refuses LoRA requests when LoRA is off (AdapterRegistry), so none gets here."""
 
     def prepare_capture(self, size: int) -> None:
         pass
-
-    def remove_adapter(self, lora_int_id: int) -> bool:
-        return False
 
 
 class LoRAModelManager:
@@ -55,7 +51,7 @@ class LoRAModelManager:
         self.sorted_ids = StagedBuffer((max_num_tokens,), torch.int32, device, pin_memory)
         self.lora_ids = StagedBuffer((num_slots + 1,), torch.int32, device, pin_memory)
         self.starts = StagedBuffer((num_slots + 2,), torch.int32, device, pin_memory)
-        meta = LoRAMetaBuffers(self.token_lora.device, self.sorted_ids.device, self.lora_ids.device,
+        meta = LoRAMeta(self.token_lora.device, self.sorted_ids.device, self.lora_ids.device,
                                self.starts.device)
         self.layers = wrap_lora_layers(model, num_slots, lora_config.max_lora_rank, meta, dtype, device)
         self.module_shapes = {name: ModuleShape(layer.base_layer.input_size, tuple(layer.base_layer.output_sizes))
@@ -126,19 +122,8 @@ class LoRAModelManager:
                           (self.starts, None)):
             buffer.upload(n if n is not None else buffer.np.shape[0])
 
-    def remove_adapter(self, lora_int_id: int) -> bool:
-        """Forget an adapter (unload): its slot is emptied and freed, its host copy dropped."""
-        found = self._host.pop(lora_int_id, None) is not None
-        slot = self._slot_of.pop(lora_int_id, None)
-        if slot is not None:
-            for layer in self.layers.values():
-                layer.set_slot(slot, None)
-            self._free_slots.append(slot)
-            found = True
-        return found
 
-
-def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, meta: LoRAMetaBuffers, dtype: torch.dtype,
+def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, meta: LoRAMeta, dtype: torch.dtype,
                      device: torch.device) -> dict[str, LoRALinear]:
     """Replace every LoRA-capable projection of `model` with a `LoRALinear` around it; {module name: wrapper}."""
     targets = [(name, module) for name, module in model.named_modules()

@@ -39,7 +39,3 @@ class NgramProposer:
                 follow = int(starts[-1]) + n  # the most recent occurrence
                 return tokens[follow:follow + limit].tolist()
         return []
-
-    def propose_batch(self, histories: Sequence[Sequence[int]], max_tokens: Sequence[int | None]) -> list[list[int]]:
-        """`propose` for each request of a step."""
-        return [self.propose(h, m) for h, m in zip(histories, max_tokens)]
