@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphserve.spec_decode.config import SpeculativeConfig
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -175,3 +177,4 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     lora_config: LoRAConfig | None = None  # None: LoRA adapters are refused
+    speculative_config: SpeculativeConfig | None = None  # None: one token per request per step

@@ -9,7 +9,7 @@ tokens count as computed from the moment they are scheduled, so step N+1 starts 
 """
 from __future__ import annotations
 
-from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig
+from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from graphserve.core.request import Request, RequestStatus
 from graphserve.core.scheduler import Scheduler
 from graphserve.core.scheduler_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
@@ -43,7 +43,12 @@ class AsyncScheduler(Scheduler):
 
 
 def create_scheduler(scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                     lora_config: LoRAConfig | None = None) -> Scheduler:
+                     lora_config: LoRAConfig | None = None,
+                     speculative_config: SpeculativeConfig | None = None) -> Scheduler:
     """The AsyncScheduler when the engine keeps a step in flight, else the plain Scheduler."""
+    if scheduler_config.async_scheduling and speculative_config is not None:
+        # Drafts are proposed from the tokens a step samples, so the next step waits for them (EngineArgs
+        # turns async scheduling off when speculation is on).
+        raise ValueError("speculative decoding needs async_scheduling off")
     cls = AsyncScheduler if scheduler_config.async_scheduling else Scheduler
-    return cls(scheduler_config, cache_config, lora_config)
+    return cls(scheduler_config, cache_config, lora_config, speculative_config)

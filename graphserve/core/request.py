@@ -64,6 +64,8 @@ class Request:
         # Tokens being sampled by a step whose output has not arrived (only the AsyncScheduler sets this): the
         # next step computes them although their ids are not known on the host yet.
         self.num_output_placeholders = 0
+        # Speculative decoding: draft tokens proposed after the last step, verified by the next one (then cleared).
+        self.spec_token_ids: list[int] = []
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         # Resolved by the engine: max_tokens may be None (= fill the context).

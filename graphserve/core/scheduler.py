@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig
+from graphserve.config import CacheConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from graphserve.core.kv_cache_manager import KVCacheManager, cdiv
 from graphserve.core.kv_cache_utils import BlockHash
 from graphserve.core.request import Request, RequestStatus
@@ -70,7 +70,8 @@ class Scheduler:
     """Decides, each step, which requests compute how many tokens, and books their KV blocks."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 lora_config: LoRAConfig | None = None) -> None:
+                 lora_config: LoRAConfig | None = None,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         if cache_config.num_blocks is None:
             raise ValueError("cache_config.num_blocks must be resolved (by the worker) before building the Scheduler")
         self.scheduler_config = scheduler_config
@@ -83,6 +84,14 @@ class Scheduler:
         self.enable_prefix_caching = cache_config.enable_prefix_caching
         # Distinct LoRA adapters the running requests may use (the device slots); 0 = LoRA off.
         self.max_loras = lora_config.max_loras if lora_config is not None else 0
+        # Speculative decoding: steps with at least this many running requests verify no drafts.
+        self.spec_disable_batch_size = None
+        if speculative_config is not None:
+            self.spec_disable_batch_size = speculative_config.disable_by_batch_size
+        # Cumulative since start: verify steps per request, draft tokens verified, drafts accepted.
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
         self.kv_cache_manager = KVCacheManager(
             cache_config.block_size, cache_config.num_blocks, enable_caching=self.enable_prefix_caching
         )
@@ -159,7 +168,8 @@ class Scheduler:
         num_scheduled_tokens: dict[str, int] = {}
         cached_reqs: list[CachedRequestData] = []
         new_reqs: list[NewRequestData] = []
-        token_budget, preempted = self._schedule_running(num_scheduled_tokens, cached_reqs)
+        spec_tokens: dict[str, list[int]] = {}
+        token_budget, preempted = self._schedule_running(num_scheduled_tokens, cached_reqs, spec_tokens)
         # After a preemption the pool is known to be short: admitting new work would only thrash.
         if not preempted:
             token_budget = self._schedule_waiting(token_budget, num_scheduled_tokens, new_reqs)
@@ -171,10 +181,12 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
             finished_req_ids=finished_req_ids,
+            scheduled_spec_decode_tokens=spec_tokens,
         )
 
     def _schedule_running(
-        self, num_scheduled_tokens: dict[str, int], cached_reqs: list[CachedRequestData]
+        self, num_scheduled_tokens: dict[str, int], cached_reqs: list[CachedRequestData],
+        spec_tokens: dict[str, list[int]],
     ) -> tuple[int, bool]:
         """Schedule running requests in order, preempting from the back on KV shortage; returns (budget, preempted)."""
         token_budget = self.max_num_batched_tokens
@@ -182,6 +194,7 @@ class Scheduler:
         req_to_blocks = self.kv_cache_manager.req_to_blocks
         block_size = self.block_size
         preempted = False
+        speculate = self.spec_disable_batch_size is None or len(running) < self.spec_disable_batch_size
         # Preemption only pops from the back, at or after the current request, so iterating while it shrinks
         # is safe: the iterator just ends sooner.
         for request in running:
@@ -194,6 +207,11 @@ class Scheduler:
             num_new_tokens = len(request.all_token_ids) + num_placeholders - start
             if num_placeholders and self._ends_with_placeholders(request):
                 continue  # its last token is being sampled now: the in-flight step's output finishes it
+            drafts = request.spec_token_ids
+            if drafts:
+                request.spec_token_ids = []  # consumed by this step (or dropped)
+                drafts = self._limit_drafts(request, drafts, token_budget - num_new_tokens) if speculate else []
+                num_new_tokens += len(drafts)
             if num_new_tokens > token_budget:
                 if not self.enable_chunked_prefill:
                     continue  # keeps its place; a later, shorter request may still fit
@@ -211,10 +229,23 @@ class Scheduler:
             if start + num_new_tokens >= request.next_cache_boundary:
                 self._block_writers.append((request, start))
             cached_reqs.append(CachedRequestData(req_id, new_block_ids, start))
+            if drafts:
+                spec_tokens[req_id] = drafts
             num_scheduled_tokens[req_id] = num_new_tokens
             token_budget -= num_new_tokens
             self._book_scheduled(request, start, num_new_tokens)
         return token_budget, preempted
+
+    def _limit_drafts(self, request: Request, drafts: list[int], budget_left: int) -> list[int]:
+        """The drafts a verify step may take: within the token budget, and never so many that accepting all of
+        them (plus the bonus token) would pass max_tokens or the context, so the KV stays within what
+        add_request promised the request."""
+        num_tokens = len(request.all_token_ids)
+        limit = min(budget_left, request.max_tokens - len(request.output_token_ids) - 1,
+                    self.max_model_len - num_tokens - 1)
+        if limit <= 0 or request.num_computed_tokens != num_tokens - 1:
+            return []  # drafts only extend a request whose next step is a plain decode
+        return drafts[:limit]
 
     def _ends_with_placeholders(self, request: Request) -> bool:
         """True when the tokens being sampled for the request reach max_tokens or the context limit."""
@@ -326,6 +357,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0  # an in-flight step's output for it is dropped (status is not RUNNING)
         request.num_preemptions += 1
+        request.spec_token_ids = []
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         self.finished_req_ids.add(request.request_id)
@@ -345,6 +377,8 @@ class Scheduler:
         requests = self.requests
         max_model_len = self.max_model_len
         kv_cache_manager = self.kv_cache_manager
+        spec_decode_tokens = scheduler_output.scheduled_spec_decode_tokens
+        new_spec_tokens = model_runner_output.spec_token_ids
         outputs: list[EngineCoreOutput] = []
         num_finished = 0
         for req_id, token_ids in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids):
@@ -360,6 +394,8 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(req_id, [], new_prompt_logprobs=new_prompt_logprobs,
                                                     num_cached_tokens=request.num_cached_tokens))
                 continue
+            if spec_decode_tokens and req_id in spec_decode_tokens:
+                self._rollback_rejected(request, len(spec_decode_tokens[req_id]), len(token_ids))
             if len(token_ids) == 1:  # the common case, kept free of extra calls
                 token_id = token_ids[0]
                 request.output_token_ids.append(token_id)
@@ -374,6 +410,8 @@ class Scheduler:
             new_sampled_logprobs = sampled_logprobs.get(req_id) if sampled_logprobs else None
             new_logprobs = logprobs.get(req_id) if logprobs else None
             finish_reason = None
+            if new_spec_tokens and not stopped:
+                request.spec_token_ids = new_spec_tokens.get(req_id, [])
             if stopped:
                 num_finished += 1
                 self._free_finished(request)
@@ -397,6 +435,16 @@ class Scheduler:
         if num_finished:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
+
+    def _rollback_rejected(self, request: Request, num_drafts: int, num_emitted: int) -> None:
+        """A verify step emitted the accepted drafts plus one token: the rejected drafts' positions stop counting as
+        computed (their KV slots are rewritten by the next step; the blocks stay with the request, and only
+        blocks full of computed tokens are ever cached)."""
+        num_accepted = num_emitted - 1
+        request.num_computed_tokens -= num_drafts - num_accepted
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_accepted
 
     @staticmethod
     def _check_partial(request: Request, scheduler_output: SchedulerOutput) -> None:

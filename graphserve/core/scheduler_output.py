@@ -44,6 +44,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests finished, aborted or preempted since the previous step: the runner drops their state.
     finished_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: per request, the draft tokens this step verifies. They are the last
+    # len(drafts) of its scheduled tokens (counted in num_scheduled_tokens); requests without drafts are absent.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -70,6 +73,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # Per request: (first prompt position covered, logprobs of positions start.. in this chunk).
     prompt_logprobs: dict[str, tuple[int, LogprobsLists]] = field(default_factory=dict)
+    # Speculative decoding: draft tokens proposed for each request's next step (absent: none).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

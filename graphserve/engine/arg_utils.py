@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from graphserve.config import (
     CacheConfig,
@@ -17,9 +18,12 @@ from graphserve.config import (
     default_cudagraph_capture_sizes,
     normalize_dtype,
 )
+from graphserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from graphserve.platforms.interface import PlatformCapabilities
+
+logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 
@@ -76,6 +80,21 @@ class EngineArgs:
     max_loras: int = 1  # distinct adapters in one step (device slots)
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # adapters cached on the host; None = max_loras
+    # Speculative decoding, vLLM's spelling: a JSON string or dict, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4, "prompt_lookup_max": 4}; None = off.
+    speculative_config: str | dict[str, Any] | None = None
+    speculative_disable_by_batch_size: int | None = None  # no drafts in steps with this many requests or more
+
+    def create_speculative_config(self) -> SpeculativeConfig | None:
+        """The validated speculative config (None when off); ValueError names the bad field."""
+        config = SpeculativeConfig.from_user(self.speculative_config)
+        if self.speculative_disable_by_batch_size is not None:
+            if config is None:
+                raise ValueError("speculative_disable_by_batch_size needs speculative_config")
+            config = dataclasses.replace(config, disable_by_batch_size=self.speculative_disable_by_batch_size)
+        if config is not None and config.method == "draft_model":
+            raise ValueError("speculative_config: method 'draft_model' is not supported yet; use 'ngram'")
+        return config
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -107,9 +126,14 @@ class EngineArgs:
 
         platform = resolve_platform(self.device)
         attention_backend = None if self.attention_backend is None else validate_backend_name(self.attention_backend)
+        speculative_config = self.create_speculative_config()
         async_scheduling = self.async_scheduling
         if async_scheduling is None:
             async_scheduling = platform.capabilities.async_scheduling_by_default
+        if async_scheduling and speculative_config is not None:
+            # Drafts come from the tokens a step samples: the next step is scheduled once they are on the host.
+            logger.info("speculative decoding: steps run without async scheduling (drafts need each step's tokens)")
+            async_scheduling = False
         scheduler_config = SchedulerConfig(
             max_model_len=max_len,
             max_num_seqs=self.max_num_seqs,
@@ -121,7 +145,8 @@ class EngineArgs:
         lora_config = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora
                        else None)
         return EngineConfig(model_config, cache_config, scheduler_config, device_config,
-                            self.create_compilation_config(self.max_num_seqs, platform.capabilities), lora_config)
+                            self.create_compilation_config(self.max_num_seqs, platform.capabilities), lora_config,
+                            speculative_config)
 
     def create_compilation_config(
         self, max_num_seqs: int, capabilities: PlatformCapabilities | None = None
@@ -206,6 +231,12 @@ class EngineArgs:
                        help="largest adapter rank (8, 16, 32, 64, 128 or 256)")
         g.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras,
                        help="adapters kept loaded on the host (default: --max-loras)")
+        g.add_argument("--speculative-config", default=d.speculative_config,
+                       help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_max": 4}\' (n-gram prompt lookup; output identical for greedy requests)')
+        g.add_argument("--speculative-disable-by-batch-size", type=int,
+                       default=d.speculative_disable_by_batch_size,
+                       help="verify no drafts in steps with at least this many running requests")
         g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=d.cuda_graph_sizes,
                        help="decode batch sizes captured as CUDA/HIP graphs (default: 1 2 4 8 16 ... max-num-seqs)")
         return parser

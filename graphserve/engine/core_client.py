@@ -81,6 +81,9 @@ def _scheduler_stats(core: Any) -> SchedulerStats:
         num_preemptions=scheduler.num_preemptions,
         prefix_cache_queries=getattr(scheduler, "prefix_cache_queries", 0),
         prefix_cache_hits=getattr(scheduler, "prefix_cache_hits", 0),
+        spec_decode_num_drafts=getattr(scheduler, "spec_num_drafts", 0),
+        spec_decode_num_draft_tokens=getattr(scheduler, "spec_num_draft_tokens", 0),
+        spec_decode_num_accepted_tokens=getattr(scheduler, "spec_num_accepted_tokens", 0),
     )
 
 

@@ -36,7 +36,8 @@ class EngineCore:
         # The pool size is known only now: freeze it into the config every other part reads.
         cache_config = dataclasses.replace(config.cache_config, num_blocks=num_blocks)
         self.config = dataclasses.replace(config, cache_config=cache_config)
-        self.scheduler = create_scheduler(config.scheduler_config, cache_config, config.lora_config)
+        self.scheduler = create_scheduler(config.scheduler_config, cache_config, config.lora_config,
+                                          config.speculative_config)
         self.async_scheduling = config.scheduler_config.async_scheduling
         self.max_concurrent_batches = self.model_executor.max_concurrent_batches
         self.batch_queue: deque[tuple[SchedulerOutput, ModelRunnerOutputFuture]] = deque()

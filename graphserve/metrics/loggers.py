@@ -1,5 +1,6 @@
-"""The periodic log line: prompt and generation throughput, running / waiting requests, KV cache usage and the
-prefix-cache hit rate of the interval."""
+"""The periodic log line: prompt and generation throughput, running / waiting requests, KV cache usage, the
+prefix-cache hit rate of the interval and, with speculative decoding, its draft acceptance rate and mean accepted
+length."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ class LoggingStatLogger(StatLoggerBase):
         # Cumulative prefix-cache counters at the start of the interval (the hit rate is per interval, like vLLM's).
         self._interval_start_queries = 0
         self._interval_start_hits = 0
+        self._interval_start_spec = (0, 0, 0)  # drafts, draft tokens, accepted tokens
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
         """Book one batch of stats."""
@@ -43,7 +45,20 @@ class LoggingStatLogger(StatLoggerBase):
             f"Running: {s.num_running_reqs} reqs, Waiting: {s.num_waiting_reqs} reqs, "
             f"Finished: {self._num_finished} reqs, KV cache usage: {100 * s.kv_cache_usage:.1f}%, "
             f"Preemptions: {s.num_preemptions}, Prefix cache hit rate: {100 * self._interval_hit_rate():.1f}%"
+            f"{self._spec_decode_part()}"
         )
+
+    def _spec_decode_part(self) -> str:
+        """', Draft acceptance rate: ..., Mean accepted length: ...' for the interval, '' without verify steps."""
+        s = self._scheduler_stats
+        drafts0, tokens0, accepted0 = self._interval_start_spec
+        drafts = s.spec_decode_num_drafts - drafts0
+        if drafts <= 0:
+            return ""
+        tokens = s.spec_decode_num_draft_tokens - tokens0
+        accepted = s.spec_decode_num_accepted_tokens - accepted0
+        rate = accepted / tokens if tokens else 0.0
+        return f", Draft acceptance rate: {100 * rate:.1f}%, Mean accepted length: {1 + accepted / drafts:.2f}"
 
     def _interval_hit_rate(self) -> float:
         s = self._scheduler_stats
@@ -63,3 +78,5 @@ class LoggingStatLogger(StatLoggerBase):
         self._num_prompt_tokens = self._num_generation_tokens = self._num_finished = 0
         self._interval_start_queries = s.prefix_cache_queries
         self._interval_start_hits = s.prefix_cache_hits
+        self._interval_start_spec = (s.spec_decode_num_drafts, s.spec_decode_num_draft_tokens,
+                                     s.spec_decode_num_accepted_tokens)

@@ -57,6 +57,10 @@ class PrometheusStatLogger(StatLoggerBase):
         self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.spec_decode_num_drafts = counter("spec_decode_num_drafts",
+                                              "Speculative verify steps (one per request per step with drafts).")
+        self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         success = Counter(PREFIX + "request_success", "Finished requests, by finish reason.",
                           list(labels) + ["finished_reason"], registry=reg)
         self.request_success = {r: success.labels(**labels, finished_reason=r) for r in FINISH_REASONS}
@@ -103,6 +107,11 @@ class PrometheusStatLogger(StatLoggerBase):
             (self.num_preemptions, stats.num_preemptions, last.num_preemptions),
             (self.prefix_cache_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
             (self.prefix_cache_hits, stats.prefix_cache_hits, last.prefix_cache_hits),
+            (self.spec_decode_num_drafts, stats.spec_decode_num_drafts, last.spec_decode_num_drafts),
+            (self.spec_decode_num_draft_tokens, stats.spec_decode_num_draft_tokens,
+             last.spec_decode_num_draft_tokens),
+            (self.spec_decode_num_accepted_tokens, stats.spec_decode_num_accepted_tokens,
+             last.spec_decode_num_accepted_tokens),
         ):
             if now > before:
                 counter.inc(now - before)

@@ -23,6 +23,11 @@ class SchedulerStats:
     num_preemptions: int = 0  # cumulative since start
     prefix_cache_queries: int = 0  # cumulative, in tokens
     prefix_cache_hits: int = 0  # cumulative, in tokens
+    # Speculative decoding, cumulative: verify steps (one per request per step with drafts), drafts verified,
+    # drafts accepted. Acceptance rate = accepted / draft tokens; mean accepted length = 1 + accepted / drafts.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass

@@ -31,6 +31,10 @@ class SamplerOutput:
     topk_token_ids: torch.Tensor | None = None  # [B, K] int64
     topk_logprobs: torch.Tensor | None = None  # [B, K] float32
     sampled_ranks: torch.Tensor | None = None  # [B] int64, 1 = most likely
+    # Speculative verify steps only: sampled_token_ids is [B, max_spec_len + 1] (each row's emitted tokens, then
+    # -1), and the logprob tensors have one row per scored position; request i's rows start at
+    # logprob_row_starts[i] (its emitted tokens' logprobs, in order).
+    logprob_row_starts: list[int] | None = None
 
 
 def _takes_prompt_ids(processor: Callable) -> bool:
@@ -69,6 +73,25 @@ def exponential_race(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.T
     return probs.div_(q.clamp_min_(_MIN_EXPONENTIAL)).argmax(dim=-1)
 
 
+def with_logprobs(output: SamplerOutput, raw_logits: torch.Tensor, tokens: torch.Tensor,
+                  metadata: SamplingMetadata) -> SamplerOutput:
+    """`output` with the logprobs the rows ask for, of `tokens` [B] under the raw logits [B, V]: none, the
+    token's own (cheaper than a full log_softmax: logit - logsumexp), or its rank and the top-k."""
+    if metadata.max_num_logprobs is None:
+        if metadata.need_sampled_logprobs:
+            # A pass over [B, V] logits saved otherwise: at batch 256 x 128k vocabulary it costs ~0.5 ms per step.
+            token_logit = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            output.sampled_logprobs = token_logit - torch.logsumexp(raw_logits, dim=-1)
+        return output
+    token_ids, logprobs, ranks = compute_topk_logprobs(raw_logits.log_softmax(dim=-1), tokens,
+                                                       metadata.max_num_logprobs)
+    output.sampled_logprobs = logprobs[:, 0]
+    output.topk_token_ids = token_ids[:, 1:]
+    output.topk_logprobs = logprobs[:, 1:]
+    output.sampled_ranks = ranks
+    return output
+
+
 class Sampler(nn.Module):
     """Turns the last-position logits of each sampling request into its next token (vLLM V1 semantics).
 
@@ -83,27 +106,8 @@ class Sampler(nn.Module):
         metadata: SamplingMetadata,
     ) -> SamplerOutput:
         """Sample one token per row and gather its logprob (plus top-k and rank when requested)."""
-        raw_logits = logits
-        logits = self.process_logits(logits, metadata)
-        sampled = self.sample(logits, metadata)
-        if metadata.max_num_logprobs is None:
-            if not metadata.need_sampled_logprobs:
-                # A pass over [B, V] logits saved: at batch 256 × 128k vocabulary it costs ~0.5 ms per step.
-                return SamplerOutput(sampled_token_ids=sampled)
-            # Cheaper than a full log_softmax: logprob = logit - logsumexp.
-            sampled_logit = raw_logits.gather(1, sampled.unsqueeze(1)).squeeze(1)
-            sampled_logprobs = sampled_logit - torch.logsumexp(raw_logits, dim=-1)
-            return SamplerOutput(sampled_token_ids=sampled, sampled_logprobs=sampled_logprobs)
-        token_ids, logprobs, ranks = compute_topk_logprobs(
-            raw_logits.log_softmax(dim=-1), sampled, metadata.max_num_logprobs
-        )
-        return SamplerOutput(
-            sampled_token_ids=sampled,
-            sampled_logprobs=logprobs[:, 0],
-            topk_token_ids=token_ids[:, 1:],
-            topk_logprobs=logprobs[:, 1:],
-            sampled_ranks=ranks,
-        )
+        sampled = self.sample(self.process_logits(logits, metadata), metadata)
+        return with_logprobs(SamplerOutput(sampled_token_ids=sampled), logits, sampled, metadata)
 
     @staticmethod
     def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -134,6 +138,15 @@ class Sampler(nn.Module):
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
             return greedy
+        random = exponential_race(Sampler.compute_probs(logits, metadata), metadata)
+        if metadata.all_random:
+            return random
+        return torch.where(metadata.is_greedy, greedy, random)
+
+    @staticmethod
+    def compute_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The distribution random rows sample from: temperature, top-k, top-p, min-p, softmax (a new tensor; greedy
+        rows get the softmax of their logits, whose argmax is theirs). Needs metadata.temperature (not all_greedy)."""
         if metadata.top_k is None and metadata.top_p is None and metadata.min_p is None:
             logits = logits / metadata.temperature.unsqueeze(1)
         else:
@@ -141,7 +154,4 @@ class Sampler(nn.Module):
             logits = sampling_ops.apply_sampling_filters(
                 logits, metadata.temperature, metadata.top_k, metadata.top_p, metadata.min_p
             )
-        random = exponential_race(logits.softmax(dim=-1), metadata)
-        if metadata.all_random:
-            return random
-        return torch.where(metadata.is_greedy, greedy, random)
+        return logits.softmax(dim=-1)

@@ -7,6 +7,7 @@ device tensor of sampled ids stays alive: the next step reads its decode inputs 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,11 +39,14 @@ class AsyncModelRunnerOutput:
         sampling_req_indices: list[int],  # which of them sample (row r of the sampler = states[indices[r]])
         sampler_output: SamplerOutput | None,
         platform: Platform | None = None,  # records the event that marks the copies' end (None: ready)
+        on_ready: Callable[[ModelRunnerOutput, list[CachedRequestState]], None] | None = None,
     ) -> None:
         self._output = output
         self._states = states
         self._sampling_req_indices = sampling_req_indices
         self._done = sampler_output is None
+        self._on_ready = on_ready  # called once the tokens are booked (speculative decoding proposes drafts)
+        self._row_starts = None if sampler_output is None else sampler_output.logprob_row_starts
         # Decode inputs of the next step (see row_of_request).
         self.sampled_token_ids: torch.Tensor | None = None
         self._row_of_request: dict[str, int] | None = None
@@ -81,6 +85,9 @@ class AsyncModelRunnerOutput:
         token_ids, sampled_logprobs, topk_ids, topk_logprobs, ranks = (
             None if t is None else t.tolist() for t in self._host)
         out, states = self._output, self._states
+        if self._row_starts is not None:
+            self._book_verified(out, states, token_ids, sampled_logprobs, topk_ids, topk_logprobs, ranks)
+            return self._finish(out)
         for row, i in enumerate(self._sampling_req_indices):
             st = states[i]
             tok = token_ids[row]
@@ -96,6 +103,33 @@ class AsyncModelRunnerOutput:
                     logprobs=[[sampled_logprobs[row]] + topk_logprobs[row][:k]],
                     ranks=[ranks[row]],
                 )
+        return self._finish(out)
+
+    def _finish(self, out: ModelRunnerOutput) -> ModelRunnerOutput:
         self._done = True
         self._host = []
+        if self._on_ready is not None:
+            self._on_ready(out, self._states)
         return out
+
+    def _book_verified(self, out: ModelRunnerOutput, states, token_ids, sampled_logprobs, topk_ids,
+                       topk_logprobs, ranks) -> None:
+        """A speculative verify step: each row holds the accepted drafts and one more token, then -1; the logprob
+        rows of request r start at row_starts[r], one per emitted token."""
+        for row, i in enumerate(self._sampling_req_indices):
+            st = states[i]
+            tokens = [t for t in token_ids[row] if t >= 0]
+            out.sampled_token_ids[i].extend(tokens)
+            st.output_token_ids.extend(tokens)
+            params = st.sampling_params
+            first = self._row_starts[row]
+            rows = range(first, first + len(tokens))
+            if sampled_logprobs is not None and (params.logprobs is not None or params.compute_cumulative_logprob):
+                out.sampled_logprobs[st.req_id] = [sampled_logprobs[r] for r in rows]
+            k = params.logprobs
+            if topk_ids is not None and k is not None:
+                out.logprobs[st.req_id] = LogprobsLists(
+                    token_ids=[[tok] + topk_ids[r][:k] for tok, r in zip(tokens, rows)],
+                    logprobs=[[sampled_logprobs[r]] + topk_logprobs[r][:k] for r in rows],
+                    ranks=[ranks[r] for r in rows],
+                )

@@ -65,10 +65,15 @@ class BatchInputs(AttentionInputs):
     positions: np.ndarray  # [num_tokens] int64
     query_lens: np.ndarray  # [num_reqs] int32
     sampling_req_indices: list[int]  # requests whose last scheduled token completes their known tokens
-    logits_indices: np.ndarray  # [num_sampling] int64, flat token index of each sampling request's last token
+    # Flat token index of each sampling request's last token, or with drafts of its last 1 + k tokens (the k
+    # draft positions and the bonus position, in order): [num_sampling + total drafts] int64.
+    logits_indices: np.ndarray
     # Inputs still on the device (async scheduling): flat token index ← row of the previous step's sampled ids.
     prev_token_indices: np.ndarray  # [k] int64
     prev_token_rows: np.ndarray  # [k] int64
+    # Speculative decoding: the draft tokens each sampling request verifies (aligned with sampling_req_indices),
+    # or None when no request of the step has drafts.
+    spec_token_ids: list[list[int]] | None = None
 
 
 class InputBatch:
@@ -115,14 +120,18 @@ class InputBatch:
         return row
 
     def prepare(
-        self, states: list[CachedRequestState], num_scheduled: list[int], pending: dict[str, int] | None = None
+        self, states: list[CachedRequestState], num_scheduled: list[int], pending: dict[str, int] | None = None,
+        spec_tokens: list[list[int]] | None = None,
     ) -> BatchInputs:
         """Flatten the scheduled chunk of every request into one token dimension.
 
         `pending` maps the requests for which the step still in flight samples a token to that token's row in
         its output: the token is this step's input at position num_tokens, filled in on the device (here 0).
+        `spec_tokens` (aligned with `states`) holds the draft tokens a request verifies: its last scheduled
+        tokens, after its known ones.
         """
         pending = pending or {}
+        num_drafts = [len(d) for d in spec_tokens] if spec_tokens else None
         num_reqs = len(states)
         input_ids: list[int] = []
         rows: list[int] = []
@@ -131,7 +140,7 @@ class InputBatch:
         prev_idx: list[int] = []
         prev_rows: list[int] = []
         sync_row = self._sync_row
-        for st, n in zip(states, num_scheduled):
+        for i, (st, n) in enumerate(zip(states, num_scheduled)):
             start = st.num_computed_tokens
             rows.append(sync_row(st))
             starts.append(start)
@@ -139,6 +148,14 @@ class InputBatch:
             output = st.output_token_ids
             known = len(prompt) + len(output)
             end = start + n
+            if num_drafts and num_drafts[i]:  # a verify step: the known tokens from start, then the drafts
+                if end != known + num_drafts[i]:
+                    raise RuntimeError(f"request {st.req_id!r}: {n} tokens from position {start} scheduled with "
+                                       f"{num_drafts[i]} drafts, but {known} tokens are known")
+                input_ids.extend(st.token_at(start, known))
+                input_ids.extend(spec_tokens[i])
+                num_known.append(end)
+                continue
             if end > known:  # the last input is the in-flight step's sample
                 if end != known + 1 or st.req_id not in pending:
                     raise RuntimeError(f"request {st.req_id!r}: positions {start}..{end - 1} scheduled but only "
@@ -174,6 +191,12 @@ class InputBatch:
         bs = self.block_size
         slot_mapping = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         sampling = seq_lens >= np.asarray(num_known, dtype=np.int64)
+        sampling_req_indices = np.flatnonzero(sampling).tolist()
+        logits_indices = (query_start_loc[1:][sampling] - 1).astype(np.int64)
+        step_spec_tokens = None
+        if num_drafts and any(num_drafts):
+            step_spec_tokens = [spec_tokens[i] for i in sampling_req_indices]
+            logits_indices = _positions_with_drafts(logits_indices, [len(d) for d in step_spec_tokens])
         width = int(max(st.num_table_blocks for st in states))
         return BatchInputs(
             req_ids=[st.req_id for st in states],
@@ -184,8 +207,16 @@ class InputBatch:
             seq_lens=seq_lens.astype(np.int32),
             query_start_loc=query_start_loc,
             block_table=self.block_table[rows_np, :width],
-            sampling_req_indices=np.flatnonzero(sampling).tolist(),
-            logits_indices=(query_start_loc[1:][sampling] - 1).astype(np.int64),
+            sampling_req_indices=sampling_req_indices,
+            logits_indices=logits_indices,
             prev_token_indices=np.asarray(prev_idx, dtype=np.int64),
             prev_token_rows=np.asarray(prev_rows, dtype=np.int64),
+            spec_token_ids=step_spec_tokens,
         )
+
+
+def _positions_with_drafts(last_indices: np.ndarray, num_drafts: list[int]) -> np.ndarray:
+    """Per sampling request, its last 1 + k flat token indices (k drafts then the bonus position), concatenated."""
+    counts = np.asarray(num_drafts, dtype=np.int64) + 1
+    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(last_indices - counts + 1, counts) + offsets

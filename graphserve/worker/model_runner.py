@@ -17,6 +17,8 @@ from graphserve.lora.manager import create_adapter_manager
 from graphserve.models.loader import get_model
 from graphserve.platforms import get_platform
 from graphserve.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_topk_logprobs
+from graphserve.sample.rejection_sampler import RejectionSampler
+from graphserve.spec_decode.proposer import create_proposer
 from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
 from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks, kv_cache_bytes_per_block
@@ -51,6 +53,9 @@ class ModelRunner:
         self.input_batch = InputBatch(self.block_size, max_num_reqs=sched.max_num_seqs,
                                       max_blocks_per_req=-(-sched.max_model_len // self.block_size))
         self.sampler = Sampler()
+        # Speculative decoding (None when off): drafts proposed after each step, verified by the next one.
+        self.proposer = create_proposer(config.speculative_config)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.model_config.seed)
         # The last launched step: with async scheduling its sampled tokens may still be on the device.
@@ -103,7 +108,9 @@ class ModelRunner:
         max_len = self.config.scheduler_config.max_model_len
         # Compile (if enabled) before measuring, so the compiler's own allocations are not taken for activations.
         dummy_forward(self.forward_fn, 2, max_len, self.device)
-        num_reqs = min(self.config.scheduler_config.max_num_seqs, self.max_num_tokens)
+        spec = self.config.speculative_config
+        rows_per_req = 1 + (spec.num_speculative_tokens if spec is not None else 0)  # scored positions per request
+        num_reqs = min(self.config.scheduler_config.max_num_seqs * rows_per_req, self.max_num_tokens)
 
         def max_step() -> None:
             hidden_states = dummy_forward(self.forward_fn, self.max_num_tokens, max_len, self.device)
@@ -164,7 +171,6 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput:
         """Queue one step on the device and return without waiting for it.
 
@@ -182,7 +188,9 @@ class ModelRunner:
                 st.needs_output_token_ids and st.req_id in last.row_of_request for st in states):
             last.get_output()
         pending = last.row_of_request if last is not None and not last.done else {}
-        batch = self.input_batch.prepare(states, num_scheduled, pending)
+        spec = so.scheduled_spec_decode_tokens
+        spec_tokens = [spec.get(rid, []) for rid in order] if spec else None
+        batch = self.input_batch.prepare(states, num_scheduled, pending, spec_tokens)
         hidden_states = self._forward(batch, last.sampled_token_ids if pending else None,
                                       [st.lora_request for st in states])
         sampler_output = self._sample(states, batch, hidden_states)
@@ -190,8 +198,9 @@ class ModelRunner:
         self._compute_prompt_logprobs(states, batch, hidden_states, output)
         for st, n in zip(states, num_scheduled):
             st.num_computed_tokens += n
+        on_ready = self.proposer.propose_for_step if self.proposer is not None else None
         result = self._last_output = AsyncModelRunnerOutput(output, states, batch.sampling_req_indices,
-                                                            sampler_output, self.platform)
+                                                            sampler_output, self.platform, on_ready)
         return result
 
     def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None, lora_requests: list) -> torch.Tensor:
@@ -233,6 +242,9 @@ class ModelRunner:
             indices = torch.from_numpy(batch.logits_indices).to(self.device, non_blocking=True)
             sample_hidden_states = hidden_states.index_select(0, indices)
         logits = self.model.compute_logits(sample_hidden_states)
+        if batch.spec_token_ids is not None:  # a verify step: k + 1 scored positions per request with drafts
+            return self.rejection_sampler(logits, [st.sampling for st in sampling_states], batch.spec_token_ids,
+                                          self.generator, self.pin_memory)
         metadata = build_sampling_metadata(
             [st.sampling for st in sampling_states], logits.shape[-1], self.device, self.generator, self.pin_memory
         )

@@ -43,8 +43,8 @@ def pending_counter(monkeypatch):
     counts = {"steps": 0, "tokens": 0}
     original = InputBatch.prepare
 
-    def prepare(self, states, num_scheduled, pending=None):
-        batch = original(self, states, num_scheduled, pending)
+    def prepare(self, states, num_scheduled, pending=None, spec_tokens=None):
+        batch = original(self, states, num_scheduled, pending, spec_tokens)
         if len(batch.prev_token_indices):
             counts["steps"] += 1
             counts["tokens"] += len(batch.prev_token_indices)

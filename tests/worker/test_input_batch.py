@@ -109,3 +109,22 @@ def test_random_batches_match_the_definition():
             if (st.num_tokens + 1) > len(st.block_ids) * BS:
                 st.block_ids.append(rng.randrange(500))
     assert np.all(input_batch.block_table >= 0)
+
+
+def test_drafts_follow_the_known_tokens_and_every_scored_position_is_a_logits_index():
+    # a: decode with 3 drafts; b: a partial prefill (no drafts); c: decode without drafts; d: decode with 1 draft.
+    states = [_state("a", 5, 2, 6, 0), _state("b", 9, 0, 0, 10), _state("c", 3, 1, 3, 20), _state("d", 4, 3, 6, 30)]
+    for st in states:
+        st.block_ids.extend(range(st.block_ids[-1] + 1, st.block_ids[-1] + 3))  # room for the lookahead
+    spec = [[7, 8, 9], [], [], [11]]
+    num_scheduled = [1 + 3, 4, 1, 1 + 1]
+    batch = InputBatch(BS, max_num_reqs=4, max_blocks_per_req=8).prepare(states, num_scheduled, None, spec)
+    assert batch.input_ids.tolist() == [501, 7, 8, 9, 100, 101, 102, 103, 500, 502, 11]
+    assert batch.positions.tolist() == [6, 7, 8, 9, 0, 1, 2, 3, 3, 6, 7]
+    assert batch.sampling_req_indices == [0, 2, 3]
+    assert batch.spec_token_ids == [[7, 8, 9], [], [11]]
+    assert batch.logits_indices.tolist() == [0, 1, 2, 3, 8, 9, 10]
+    a = states[0]
+    assert batch.slot_mapping[:4].tolist() == [a.block_ids[p // BS] * BS + p % BS for p in range(6, 10)]
+    with pytest.raises(RuntimeError, match="drafts"):
+        InputBatch(BS, max_num_reqs=4).prepare([_state("x", 5, 2, 6, 0)], [3], None, [[7]])

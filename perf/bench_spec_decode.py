@@ -1,0 +1,187 @@
+"""Speculative decoding benchmarks (n-gram prompt lookup), batch 1.
+
+Default mode: input-grounded chat requests (rewrite / extract / edit a given passage, the model's chat template)
+run one at a time, greedy, first without speculation and then with n-gram drafts for each k of `--k`. Reported per
+run: decode tokens/s (output tokens after the first over the time after the first token), the speedup over plain
+decoding, the draft acceptance rate, the mean accepted length (tokens emitted per verify step) and whether every
+output is token-identical to plain decoding.
+
+`--verify-cost`: the mechanism's cost, independent of acceptance (for dummy weights): every step of a batch-1
+decode verifies exactly k forced drafts (k = 0 is a plain decode step); reported as ms per step.
+
+    python -m perf.bench_spec_decode --out perf/results/cpu/spec_decode_ngram_smollm2.json
+    python -m perf.bench_spec_decode --verify-cost --model perf/configs/llama-3-8b --load-format dummy \\
+        --dtype bfloat16 --out perf/results/h200/spec_decode_verify_cost_llama8b.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from graphserve.benchmarks.common import write_record
+from graphserve.engine.arg_utils import EngineArgs
+
+PASSAGE = (
+    "The Rhine is a river that begins in the Swiss Alps and flows through Switzerland, Liechtenstein, Austria, "
+    "Germany, France and the Netherlands before it empties into the North Sea. It is about 1,230 kilometres long. "
+    "Cities on the Rhine include Basel, Strasbourg, Mannheim, Cologne, Dusseldorf and Rotterdam. For centuries the "
+    "river has been an important trade route, and many castles were built along its banks in the Middle Ages."
+)
+CODE = (
+    "def total_price(items, tax_rate):\n"
+    "    total = 0\n"
+    "    for item in items:\n"
+    "        total = total + item.price * item.quantity\n"
+    "    total = total + total * tax_rate\n"
+    "    return total\n"
+)
+TASKS = [
+    f"Rewrite the following text exactly, but in the present tense where possible:\n\n{PASSAGE}",
+    f"List every city named in this passage, one per line, copying the names exactly:\n\n{PASSAGE}",
+    f"Copy this Python function, renaming the variable `total` to `amount`. Output only the code.\n\n{CODE}",
+    f"Repeat the following passage word for word, then add one sentence about Rotterdam:\n\n{PASSAGE}",
+    f"Add a docstring to this function and return the whole function:\n\n{CODE}",
+    f"Summarise this passage in two sentences, reusing its wording:\n\n{PASSAGE}",
+]
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 5], help="num_speculative_tokens values")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=160, help="tokens per reply")
+    parser.add_argument("--verify-cost", action="store_true", help="time forced verify steps instead")
+    parser.add_argument("--output-len", type=int, default=128, help="verify-cost: decode steps timed per k")
+    parser.add_argument("--out", default=None)
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    engine_args = EngineArgs.from_cli_args(args)
+    defaults = EngineArgs()
+    kwargs = {k: v for k, v in vars(engine_args).items()
+              if k not in ("model", "speculative_config") and v != getattr(defaults, k)}
+    # The one-token run before each request would otherwise cache its prompt and shorten the timed prefill.
+    kwargs["enable_prefix_caching"] = False
+    return kwargs
+
+
+def _spec_counts(llm) -> tuple[int, int, int]:
+    s = llm.llm_engine.engine_core.scheduler
+    return s.spec_num_drafts, s.spec_num_draft_tokens, s.spec_num_accepted_tokens
+
+
+def _run_tasks(llm, params) -> tuple[list[list[int]], float, int]:
+    """Each task alone (batch 1): its token ids, total decode seconds after the first token (the time of the same
+    request stopped after one token subtracted), decode tokens."""
+    from graphserve import SamplingParams
+
+    first_only = SamplingParams(temperature=0.0, max_tokens=1)
+    tokens, decode_s, decode_tokens = [], 0.0, 0
+    for task in TASKS:
+        messages = [{"role": "user", "content": task}]
+        t0 = time.perf_counter()
+        llm.chat(messages, first_only, use_tqdm=False)
+        t1 = time.perf_counter()
+        out = llm.chat(messages, params, use_tqdm=False)[0]
+        t2 = time.perf_counter()
+        ids = out.outputs[0].token_ids
+        tokens.append(list(ids))
+        decode_s += (t2 - t1) - (t1 - t0)
+        decode_tokens += len(ids) - 1
+    return tokens, decode_s, decode_tokens
+
+
+def bench_ngram(args: argparse.Namespace) -> dict:
+    from graphserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    kwargs = _engine_kwargs(args)
+    llm = LLM(args.model, **kwargs)
+    _run_tasks(llm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+    ref_tokens, ref_s, ref_n = _run_tasks(llm, params)
+    plain = {"decode_tok_s": ref_n / ref_s, "decode_tokens": ref_n}
+    del llm
+    runs = []
+    for k in args.k:
+        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max}
+        llm = LLM(args.model, speculative_config=spec, **kwargs)
+        _run_tasks(llm, SamplingParams(temperature=0.0, max_tokens=8))
+        before = _spec_counts(llm)
+        tokens, s, n = _run_tasks(llm, params)
+        drafts, draft_tokens, accepted = (a - b for a, b in zip(_spec_counts(llm), before))
+        runs.append({
+            "num_speculative_tokens": k, "decode_tok_s": n / s, "speedup": (n / s) / plain["decode_tok_s"],
+            "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else 1.0,
+            "verify_steps": drafts, "draft_tokens": draft_tokens, "accepted_tokens": accepted,
+            "identical_to_plain": tokens == ref_tokens,
+        })
+        print(json.dumps(runs[-1]), flush=True)
+        del llm
+    return {"workload": "input-grounded chat tasks, one at a time, greedy", "num_tasks": len(TASKS),
+            "max_tokens": args.max_tokens, "prompt_lookup_max": args.prompt_lookup_max, "plain": plain,
+            "ngram": runs}
+
+
+def bench_verify_cost(args: argparse.Namespace) -> dict:
+    from graphserve import LLM, SamplingParams
+
+    kmax = max(args.k)
+    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": kmax},
+              **_engine_kwargs(args))
+    core = llm.llm_engine.engine_core
+    proposer = core.model_executor.model_runner.proposer
+    platform = core.model_executor.model_runner.platform
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    prompt = [[11 + i for i in range(32)]]
+    counter = {"steps": 0}
+    original_step = core.step
+
+    def counted_step():
+        counter["steps"] += 1
+        return original_step()
+
+    core.step = counted_step
+    results = []
+    for k in [0, *args.k]:
+        proposer.proposer.propose = lambda ids, max_tokens=None, k=k: [ids[-1]] * (k if max_tokens is None
+                                                                                     else min(k, max_tokens))
+        proposer.disable_by_batch_size = None if k else 1  # k = 0: plain decode steps
+        llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)  # warm-up (compiles)
+        best = None
+        for _ in range(3):
+            counter["steps"] = 0
+            platform.synchronize(platform.device())
+            t0 = time.perf_counter()
+            out = llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)[0]
+            platform.synchronize(platform.device())
+            elapsed = time.perf_counter() - t0
+            m = out.metrics
+            steps = counter["steps"]
+            ms = 1e3 * (m.last_token_time - m.first_token_time) / max(1, steps - 2)
+            best = ms if best is None else min(best, ms)
+        results.append({"k": k, "ms_per_step": best, "wall_s_last": elapsed, "steps_last": steps})
+        print(json.dumps(results[-1]), flush=True)
+    base = results[0]["ms_per_step"]
+    for r in results:
+        r["relative_to_plain_step"] = r["ms_per_step"] / base
+    return {"workload": "batch 1, forced drafts (every step verifies k drafts)", "output_len": args.output_len,
+            "results": results}
+
+
+def main(args: argparse.Namespace) -> int:
+    record = bench_verify_cost(args) if args.verify_cost else bench_ngram(args)
+    record["model"] = args.model or "default (SmolLM2-135M-Instruct GGUF)"
+    name = "spec_decode_verify_cost" if args.verify_cost else "spec_decode_ngram"
+    write_record(name, record, args.out, sys.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.exit(main(add_cli_args(parser).parse_args()))
