@@ -60,7 +60,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    engine_args = EngineArgs.from_cli_args(args)
+    from graphserve.benchmarks.tokenizer import bench_engine_args
+
+    engine_args = bench_engine_args(args)  # dummy weights get the benchmark tokenizer
     defaults = EngineArgs()
     kwargs = {k: v for k, v in vars(engine_args).items()
               if k not in ("model", "speculative_config") and v != getattr(defaults, k)}
