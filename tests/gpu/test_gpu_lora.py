@@ -83,8 +83,10 @@ def test_lora_ops_replay_from_a_graph_with_new_slot_maps(cuda_kernels):
         assert rel_err(buf, ref) < 1e-2
 
 
-def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_path):
-    """fp32, the GPU defaults (compile, decode graphs, async scheduling), two adapters and base rows in one batch."""
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_path, async_scheduling):
+    """fp32, the GPU defaults (compile, decode graphs, async scheduling on or off), two adapters and base rows in one
+    batch."""
     from tests.lora.lora_testutils import reference_greedy, write_peft_adapter
 
     path, hf_model = tiny_model("llama")
@@ -105,7 +107,7 @@ def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_
 
     with counting_compiles() as startup:
         llm = LLM(path, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-                  cuda_graph_sizes=[1, 2, 4], max_num_seqs=4)
+                  cuda_graph_sizes=[1, 2, 4], max_num_seqs=4, async_scheduling=async_scheduling)
     with counting_compiles() as serving:
         for order in (names, names[::-1]):  # adapters change slots and rows; nothing recompiles or recaptures
             outputs = llm.generate(prompt_token_ids=prompts if order is names else prompts[::-1],
