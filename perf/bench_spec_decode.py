@@ -54,6 +54,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=160, help="tokens per reply")
     parser.add_argument("--verify-cost", action="store_true", help="time forced verify steps instead")
     parser.add_argument("--output-len", type=int, default=128, help="verify-cost: decode steps timed per k")
+    parser.add_argument("--profile", default=None,
+                        help="verify-cost: write a torch.profiler table of one run at the largest k to this file")
     parser.add_argument("--out", default=None)
     EngineArgs.add_cli_args(parser)
     return parser
@@ -137,6 +139,22 @@ def _timed(llm, platform, prompt, params) -> float:
     return time.perf_counter() - t0
 
 
+def _profile(llm, prompt, params, path: str) -> None:
+    """Host and device time per op of one batch-1 run (the last k set), by self time on each side."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)
+    averages = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        if torch.cuda.is_available():
+            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
+
+
 def bench_verify_cost(args: argparse.Namespace) -> dict:
     from graphserve import LLM, SamplingParams
 
@@ -173,6 +191,8 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
             best = ms if best is None else min(best, ms)
         results.append({"k": k, "ms_per_step": best, "steps": steps})
         print(json.dumps(results[-1]), flush=True)
+    if args.profile:
+        _profile(llm, prompt, params, args.profile)
     base = results[0]["ms_per_step"]
     for r in results:
         r["relative_to_plain_step"] = r["ms_per_step"] / base

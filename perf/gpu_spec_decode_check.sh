@@ -13,3 +13,9 @@ tail -n 2 "$OUT/spec_lora_gpu_tests.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/
 timeout 300 python3 -m perf.bench_spec_decode --verify-cost --k 1 2 3 4 5 --output-len 64 $M \
   --out "$OUT/spec_decode_verify_cost_llama8b.json" > "$OUT/spec_decode_verify_cost.log" 2>&1
 grep '^{"k"' "$OUT/spec_decode_verify_cost.log" || tail -n 20 "$OUT/spec_decode_verify_cost.log"
+# Where a verify step's time goes: a profile of one batch-1 run at k = 3 (PROFILE=1).
+if [ -n "${PROFILE:-}" ]; then
+  timeout 240 python3 -m perf.bench_spec_decode --verify-cost --k 3 --output-len 32 $M \
+    --profile "$OUT/spec_decode_verify_profile_k3.txt" > "$OUT/spec_decode_profile.log" 2>&1
+  grep '^{"k"' "$OUT/spec_decode_profile.log" || tail -n 20 "$OUT/spec_decode_profile.log"
+fi
