@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from graphserve.ops import rejection_sampler as rs
+from tests.sample.distribution_testutils import chi2_pvalue
 
 PH = rs.PLACEHOLDER_TOKEN_ID
 IMPLS = ["torch", "triton"]
@@ -239,17 +240,6 @@ def test_zero_noise_wins_the_race(impl):
     assert _run(impl, inputs, max_spec_len=1).tolist() == [[2, PH]]
 
 
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """P(X >= chi-square statistic) for counts against probs over the bins with probs > 0 (df = bins - 1)."""
-    support = probs > 0
-    assert counts[~support].sum() == 0, "draws outside the support of p"
-    n = counts.sum().double()
-    expected = probs[support].double() * n
-    stat = ((counts[support].double() - expected) ** 2 / expected).sum()
-    df = int(support.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
-
-
 def _simulate(p: torch.Tensor, q: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """n identical random requests with k = 2 (p: [3, V] including the bonus position, q: [2, V]) in one batch."""
     g = torch.Generator().manual_seed(seed)
@@ -291,7 +281,7 @@ def test_output_distribution_equals_target(case):
     n, vocab = 100_000, p.shape[1]
     out = _simulate(p, q, n, seed=11)
     first = torch.bincount(out[:, 0], minlength=vocab)
-    assert _chi2_pvalue(first, p[0]) > 1e-3
+    assert chi2_pvalue(first, p[0]) > 1e-3
     assert 0.5 * (first / n - p[0]).abs().sum() < 3 * (vocab / n) ** 0.5
     # Acceptance of the first draft: a filled second column.
     accepted = out[:, 1] != PH
@@ -299,10 +289,10 @@ def test_output_distribution_equals_target(case):
     assert abs(float(accepted.double().mean()) - alpha) <= 4 * (alpha * (1 - alpha) / n) ** 0.5 + 1e-9
     # After an accepted first draft, the second column is distributed as p_2 (drafts independent of context here).
     if int(accepted.sum()) > 1000:
-        assert _chi2_pvalue(torch.bincount(out[accepted, 1], minlength=vocab), p[1]) > 1e-3
+        assert chi2_pvalue(torch.bincount(out[accepted, 1], minlength=vocab), p[1]) > 1e-3
     both = out[:, 2] != PH
     if int(both.sum()) > 1000:
-        assert _chi2_pvalue(torch.bincount(out[both, 2], minlength=vocab), p[2]) > 1e-3
+        assert chi2_pvalue(torch.bincount(out[both, 2], minlength=vocab), p[2]) > 1e-3
 
 
 triton_rs = pytest.importorskip("graphserve.ops.triton.rejection_sampler")

@@ -6,20 +6,11 @@ import torch
 from graphserve.sample import Sampler, SamplingRequestState
 from graphserve.sample.rejection_sampler import RejectionSampler
 from graphserve.sampling_params import SamplingParams
+from tests.sample.distribution_testutils import chi2_pvalue
 
 V = 6
 PROMPT = [5, 5]
 DRAFTS = [2, 4]
-
-
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    support = probs > 0
-    assert counts[~support].sum() == 0, "draws outside the support of p"
-    n = counts.sum().double()
-    expected = probs[support].double() * n
-    stat = ((counts[support].double() - expected) ** 2 / expected).sum()
-    df = int(support.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def _expected_probs(logits: torch.Tensor, output: list[int]) -> torch.Tensor:
@@ -55,12 +46,12 @@ def test_each_position_is_distributed_as_plain_decoding():
     p0 = _expected_probs(rows[0], [])
     p1 = _expected_probs(rows[1], DRAFTS[:1])
     p2 = _expected_probs(rows[2], DRAFTS)
-    assert _chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p0) > 1e-3
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p0) > 1e-3
     accepted = out[:, 0] == DRAFTS[0]
-    assert _chi2_pvalue(torch.bincount(out[accepted, 1], minlength=V), p1) > 1e-3
+    assert chi2_pvalue(torch.bincount(out[accepted, 1], minlength=V), p1) > 1e-3
     both = accepted & (out[:, 1] == DRAFTS[1])
     assert both.sum() > 200
-    assert _chi2_pvalue(torch.bincount(out[both, 2], minlength=V), p2) > 1e-3
+    assert chi2_pvalue(torch.bincount(out[both, 2], minlength=V), p2) > 1e-3
     # The acceptance rate of the first draft is p0(d0) for a one-hot (n-gram) draft.
     assert abs(accepted.double().mean() - p0[DRAFTS[0]]) < 0.02
 
