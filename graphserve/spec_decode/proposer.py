@@ -42,14 +42,10 @@ class SpecDecodeProposer:
         if self.disable_by_batch_size is not None and len(states) >= self.disable_by_batch_size:
             return
         for st, tokens in zip(states, out.sampled_token_ids):
-            params = st.sampling_params
-            if not tokens or not can_speculate(params):
+            if not tokens or not can_speculate(st.sampling_params):
                 continue
-            # One emitted token beyond the drafts: no draft past max_tokens (the scheduler also caps them).
-            max_drafts = None if params.max_tokens is None else params.max_tokens - len(st.output_token_ids) - 1
-            if max_drafts is not None and max_drafts <= 0:
-                continue
-            drafts = self.proposer.propose(st.prompt_token_ids + st.output_token_ids, max_drafts)
+            # The scheduler caps the drafts by max_tokens, the context and the budget (Scheduler._limit_drafts).
+            drafts = self.proposer.propose(st.prompt_token_ids + st.output_token_ids)
             if drafts:
                 out.spec_token_ids[st.req_id] = drafts
 
