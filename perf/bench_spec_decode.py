@@ -7,7 +7,13 @@ decoding, the draft acceptance rate, the mean accepted length (tokens emitted pe
 output is token-identical to plain decoding.
 
 `--verify-cost`: the mechanism's cost, independent of acceptance (for dummy weights): every step of a batch-1
-decode verifies exactly k forced drafts (k = 0 is a plain decode step); reported as ms per step.
+decode verifies exactly k forced drafts (k = 0 is a plain decode step), one engine per k (its verify graphs have
+1 + k rows per request); reported as ms per step.
+
+`--synthetic`: token-id prompts that repeat random spans (copy-heavy), greedy, at each `--batch-sizes` B: plain
+decoding, then n-gram for each k (with `--speculative-disable-by-batch-size` as given): output tokens/s of the
+decode phase, speedup, acceptance. With dummy weights the continuation is whatever the random model produces
+(random models fall into loops, which prompt lookup also finds); the record says so.
 
     python -m perf.bench_spec_decode --out perf/results/cpu/spec_decode_ngram_smollm2.json
     python -m perf.bench_spec_decode --verify-cost --model perf/configs/llama-3-8b --load-format dummy \\
@@ -53,6 +59,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160, help="tokens per reply")
     parser.add_argument("--verify-cost", action="store_true", help="time forced verify steps instead")
+    parser.add_argument("--synthetic", action="store_true", help="copy-heavy token-id prompts at --batch-sizes")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="synthetic: batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=256, help="synthetic: prompt tokens")
     parser.add_argument("--output-len", type=int, default=128, help="verify-cost: decode steps timed per k")
     parser.add_argument("--profile", default=None,
                         help="verify-cost: write a torch.profiler table of one run at the largest k to this file")
@@ -155,18 +164,9 @@ def _profile(llm, prompt, params, path: str) -> None:
             f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
 
 
-def bench_verify_cost(args: argparse.Namespace) -> dict:
-    from graphserve import LLM, SamplingParams
-
-    kmax = max(args.k)
-    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": kmax},
-              **_engine_kwargs(args))
+def _counting_steps(llm) -> dict[str, int]:
+    """Count the engine core's steps (the prefill is one step at batch 1)."""
     core = llm.llm_engine.engine_core
-    proposer = core.model_executor.model_runner.proposer
-    platform = core.model_executor.model_runner.platform
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    first_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    prompt = [[11 + i for i in range(32)]]
     counter = {"steps": 0}
     original_step = core.step
 
@@ -175,12 +175,27 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
         return original_step()
 
     core.step = counted_step
+    return counter
+
+
+def bench_verify_cost(args: argparse.Namespace) -> dict:
+    from graphserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    first_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    prompt = [[11 + i for i in range(32)]]
     results = []
     for k in [0, *args.k]:
+        # k = 0: plain decode steps (speculation off at batch 1), on the first engine.
+        llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": max(k, 1)},
+                  **_engine_kwargs(args))
+        runner = llm.llm_engine.engine_core.model_executor.model_runner
+        proposer, platform = runner.proposer, runner.platform
         proposer.proposer.propose = lambda ids, max_tokens=None, k=k: [ids[-1]] * (k if max_tokens is None
                                                                                      else min(k, max_tokens))
-        proposer.disable_by_batch_size = None if k else 1  # k = 0: plain decode steps
-        llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)  # warm-up (compiles)
+        proposer.disable_by_batch_size = None if k else 1
+        counter = _counting_steps(llm)
+        llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)  # warm-up
         best = None
         for _ in range(3):
             first_s = _timed(llm, platform, prompt, first_only)  # the prefill step alone, subtracted
@@ -189,10 +204,14 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
             steps = counter["steps"]
             ms = 1e3 * (elapsed - first_s) / max(1, steps - 1)
             best = ms if best is None else min(best, ms)
-        results.append({"k": k, "ms_per_step": best, "steps": steps})
+        graphs = runner.graph_runner
+        results.append({"k": k, "ms_per_step": best, "steps": steps,
+                        "verify_graphs": 0 if graphs is None or graphs.verify_buckets is None
+                        else len(graphs.verify_buckets.sizes)})
         print(json.dumps(results[-1]), flush=True)
-    if args.profile:
-        _profile(llm, prompt, params, args.profile)
+        if args.profile and k == max(args.k):
+            _profile(llm, prompt, params, args.profile)
+        del llm
     base = results[0]["ms_per_step"]
     for r in results:
         r["relative_to_plain_step"] = r["ms_per_step"] / base
@@ -200,10 +219,84 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
             "results": results}
 
 
+def _copy_heavy_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Prompts made of a few random spans of 8..32 tokens, each repeated (prompt lookup finds drafts in them)."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        ids: list[int] = []
+        spans = [[rng.randrange(100, vocab) for _ in range(rng.randrange(8, 33))] for _ in range(4)]
+        while len(ids) < length:
+            ids.extend(rng.choice(spans))
+        prompts.append(ids[:length])
+    return prompts
+
+
+def _timed_batch(llm, platform, prompts, params, first_only) -> tuple[float, int, list]:
+    """Decode seconds of the batch (wall time minus the same batch stopped after one token) and decode tokens."""
+    first_s = _timed(llm, platform, prompts, first_only)
+    platform.synchronize(platform.device())
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    platform.synchronize(platform.device())
+    elapsed = time.perf_counter() - t0
+    return elapsed - first_s, sum(len(o.outputs[0].token_ids) - 1 for o in outs), [o.outputs[0].token_ids
+                                                                                   for o in outs]
+
+
+def bench_synthetic(args: argparse.Namespace) -> dict:
+    from graphserve import LLM, SamplingParams
+
+    kwargs = _engine_kwargs(args)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    first_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    disable = kwargs.pop("speculative_disable_by_batch_size", None)
+    llm = LLM(args.model, **kwargs)
+    vocab = llm.llm_engine.config.model_config.vocab_size
+    platform = llm.llm_engine.engine_core.model_executor.model_runner.platform
+    prompts = {b: _copy_heavy_prompts(b, args.prompt_len, vocab, seed=b) for b in args.batch_sizes}
+    plain = {}
+    for b in args.batch_sizes:
+        llm.generate(prompt_token_ids=prompts[b][:1], sampling_params=first_only, use_tqdm=False)  # warm-up
+        s, n, tokens = _timed_batch(llm, platform, prompts[b], params, first_only)
+        plain[b] = {"decode_tok_s": n / s, "tokens": tokens}
+        print(json.dumps({"batch_size": b, "k": 0, "decode_tok_s": n / s}), flush=True)
+    del llm
+    runs = []
+    for k in args.k:
+        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max,
+                "disable_by_batch_size": disable}
+        llm = LLM(args.model, speculative_config=spec, **kwargs)
+        for b in args.batch_sizes:
+            llm.generate(prompt_token_ids=prompts[b][:1], sampling_params=first_only, use_tqdm=False)
+            before = _spec_counts(llm)
+            s, n, tokens = _timed_batch(llm, platform, prompts[b], params, first_only)
+            drafts, draft_tokens, accepted = (a - c for a, c in zip(_spec_counts(llm), before))
+            runs.append({
+                "batch_size": b, "num_speculative_tokens": k, "decode_tok_s": n / s,
+                "speedup": (n / s) / plain[b]["decode_tok_s"],
+                "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+                "mean_accepted_length": 1 + accepted / drafts if drafts else 1.0, "verify_steps": drafts,
+                "identical_to_plain": tokens == plain[b]["tokens"],
+            })
+            print(json.dumps(runs[-1]), flush=True)
+        del llm
+    return {"workload": f"copy-heavy token-id prompts of {args.prompt_len} tokens (random spans repeated), greedy, "
+                        f"{args.max_tokens} new tokens; dummy weights make the continuation the random model's own",
+            "disable_by_batch_size": disable,
+            "plain": {b: {"decode_tok_s": v["decode_tok_s"]} for b, v in plain.items()}, "ngram": runs}
+
+
 def main(args: argparse.Namespace) -> int:
-    record = bench_verify_cost(args) if args.verify_cost else bench_ngram(args)
+    if args.verify_cost:
+        record, name = bench_verify_cost(args), "spec_decode_verify_cost"
+    elif args.synthetic:
+        record, name = bench_synthetic(args), "spec_decode_synthetic"
+    else:
+        record, name = bench_ngram(args), "spec_decode_ngram"
     record["model"] = args.model or "default (SmolLM2-135M-Instruct GGUF)"
-    name = "spec_decode_verify_cost" if args.verify_cost else "spec_decode_ngram"
     write_record(name, record, args.out, sys.argv)
     return 0
 

@@ -16,8 +16,9 @@ class CompilationCounter:
 
     num_models_compiled: int = 0  # forwards wrapped with torch.compile
     num_graphs_compiled: int = 0  # FX graphs handed to inductor: one per forward, plus one per recompile
-    num_cudagraphs_captured: int = 0  # CUDA/HIP graphs captured (one per decode bucket)
-    num_cudagraph_replays: int = 0  # decode steps served by a graph replay
+    num_cudagraphs_captured: int = 0  # CUDA/HIP graphs captured (one per decode bucket and per verify bucket)
+    num_cudagraph_replays: int = 0  # decode and verify steps served by a graph replay
+    num_verify_graph_replays: int = 0  # of those, verify steps (several query rows per request)
 
     def snapshot(self) -> CompilationCounter:
         """A frozen copy of the current counts."""

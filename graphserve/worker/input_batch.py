@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphserve.attention.backends.base import AttentionInputs
+from graphserve.attention.backends.base import PAD_SLOT_ID, AttentionInputs
 from graphserve.sample.metadata import SamplingRequestState, needs_output_token_ids
 
 if TYPE_CHECKING:
@@ -220,3 +220,41 @@ def _positions_with_drafts(last_indices: np.ndarray, num_drafts: list[int]) -> n
     counts = np.asarray(num_drafts, dtype=np.int64) + 1
     offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     return np.repeat(last_indices - counts + 1, counts) + offsets
+
+
+def uniform_layout(batch: BatchInputs, query_len: int) -> BatchInputs:
+    """The same batch with every request on exactly `query_len` token rows (request i on rows i * query_len ...),
+    for a verify graph: a request with fewer tokens is padded after its last one with rows that write no KV
+    (slot -1) and read token 0 at position 0, so causal attention keeps them out of every real token's view.
+    Its sequence length grows by its padding, so its real tokens keep their positions (seq_len - query_len is the
+    prefix). Logits and in-flight token indices follow their tokens."""
+    query_lens = batch.query_lens.astype(np.int64)
+    num_reqs = len(query_lens)
+    if num_reqs and int(query_lens.max()) > query_len:
+        raise ValueError(f"a request of {int(query_lens.max())} tokens does not fit {query_len} rows")
+    starts = batch.query_start_loc[:-1].astype(np.int64)
+    # New row of every old token: its request's first row plus its offset inside the request.
+    request_of = np.repeat(np.arange(num_reqs, dtype=np.int64), query_lens)
+    new_row = request_of * query_len + (np.arange(batch.num_tokens, dtype=np.int64) - starts[request_of])
+    num_tokens = num_reqs * query_len
+    input_ids = np.zeros(num_tokens, dtype=np.int64)
+    positions = np.zeros(num_tokens, dtype=np.int64)
+    slot_mapping = np.full(num_tokens, PAD_SLOT_ID, dtype=np.int64)
+    input_ids[new_row] = batch.input_ids
+    positions[new_row] = batch.positions
+    slot_mapping[new_row] = batch.slot_mapping
+    return BatchInputs(
+        req_ids=batch.req_ids,
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        query_lens=np.full(num_reqs, query_len, dtype=np.int32),
+        seq_lens=(batch.seq_lens + (query_len - query_lens)).astype(np.int32),
+        query_start_loc=np.arange(num_reqs + 1, dtype=np.int32) * query_len,
+        block_table=batch.block_table,
+        sampling_req_indices=batch.sampling_req_indices,
+        logits_indices=new_row[batch.logits_indices],
+        prev_token_indices=new_row[batch.prev_token_indices],
+        prev_token_rows=batch.prev_token_rows,
+        spec_token_ids=batch.spec_token_ids,
+    )

@@ -20,7 +20,7 @@ from graphserve.sample import Sampler, SamplerOutput, build_sampling_metadata, c
 from graphserve.sample.rejection_sampler import RejectionSampler
 from graphserve.spec_decode.proposer import create_proposer
 from graphserve.worker.async_output import AsyncModelRunnerOutput
-from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch
+from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch, uniform_layout
 from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks, kv_cache_bytes_per_block
 from graphserve.worker.memory_profiler import (
     dummy_forward,
@@ -79,9 +79,13 @@ class ModelRunner:
         self.num_blocks = 0
         self.compilation_config = config.compilation_config
         self.forward_fn = create_forward_fn(self.model, self.compilation_config)
+        # With speculative decoding, verify steps (1 + k query tokens per request) get graphs of their own.
+        spec = config.speculative_config
         self.graph_runner = create_graph_runner(
             self.compilation_config, self.platform, self.kernel_choices, self.attn_backend,
             hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
+            verify_query_len=1 + (spec.num_speculative_tokens if spec is not None else 0),
+            verify_max_reqs=spec.disable_by_batch_size if spec is not None else None, max_num_tokens=max_tokens,
         )
 
     def initialize_kv_cache(self) -> int:
@@ -118,7 +122,7 @@ class ModelRunner:
 
         graph_batch = None
         if self.graph_runner is not None:
-            size = self.graph_runner.buckets.max_size
+            size = self.graph_runner.max_num_tokens
             graph_batch = lambda: dummy_forward(self.forward_fn, size, max_len, self.device)  # noqa: E731
         profile = profile_kv_cache_memory(self.platform, self.device, cc.gpu_memory_utilization,
                                           model_weight_bytes(self.model), max_step, graph_batch)
@@ -126,21 +130,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compile_or_warm_up_model(self) -> None:
-        """Compile the forward now rather than on the first request, and capture the decode graphs."""
+        """Compile the forward now rather than on the first request, and capture the decode (and verify) graphs."""
         if self.graph_runner is not None:
             free_before, _ = self.platform.mem_get_info(self.device)
             self.graph_runner.capture(self._graph_step)
             self.platform.synchronize(self.device)
             free_after, _ = self.platform.mem_get_info(self.device)
-            logger.info("decode graphs hold %.2f GiB", (free_before - free_after) / (1 << 30))
+            logger.info("graphs hold %.2f GiB", (free_before - free_after) / (1 << 30))
         elif self.compilation_config.level != CompilationLevel.NO_COMPILATION:
             dummy_forward(self.forward_fn, 2, self.config.scheduler_config.max_model_len, self.device)
 
-    def _graph_step(self, size: int):
-        """The forward a decode graph of `size` rows captures: static inputs, the backend's capture metadata."""
-        attn_metadata = self.attn_metadata_builder.build_for_capture(size)
-        self.adapters.prepare_capture(size)
-        input_ids, positions = self.input_ids.device[:size], self.positions.device[:size]
+    def _graph_step(self, size: int, query_len: int = 1):
+        """The forward a graph of `size` requests of `query_len` tokens each captures: static inputs, the backend's
+        capture metadata."""
+        attn_metadata = self.attn_metadata_builder.build_for_capture(size, query_len)
+        num_tokens = size * query_len
+        self.adapters.prepare_capture(num_tokens)
+        input_ids, positions = self.input_ids.device[:num_tokens], self.positions.device[:num_tokens]
         kv_caches, forward_fn = self.kv_caches, self.forward_fn
 
         def step() -> torch.Tensor:  # [size, hidden_size]
@@ -191,7 +197,10 @@ class ModelRunner:
         spec = so.scheduled_spec_decode_tokens
         spec_tokens = [spec.get(rid, []) for rid in order] if spec else None
         batch = self.input_batch.prepare(states, num_scheduled, pending, spec_tokens)
-        hidden_states = self._forward(batch, last.sampled_token_ids if pending else None,
+        graph_key = self._graph_key(batch)
+        if graph_key is not None and graph_key[1] > 1:  # a verify graph: every request on 1 + k rows
+            batch = uniform_layout(batch, graph_key[1])
+        hidden_states = self._forward(batch, graph_key, last.sampled_token_ids if pending else None,
                                       [st.lora_request for st in states])
         sampler_output = self._sample(states, batch, hidden_states)
         output = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in states])
@@ -203,17 +212,30 @@ class ModelRunner:
                                                             sampler_output, self.platform, on_ready)
         return result
 
-    def _forward(self, batch: BatchInputs, last_sampled: torch.Tensor | None, lora_requests: list) -> torch.Tensor:
-        """The model forward over the flat token dimension; returns hidden states [num_tokens, hidden]."""
-        num_reqs, num_tokens = batch.num_reqs, batch.num_tokens
-        graph_size = self.graph_runner.padded_size(num_reqs, num_tokens) if self.graph_runner is not None else None
-        num_input = graph_size or num_tokens
+    def _graph_key(self, batch: BatchInputs) -> tuple[int, int] | None:
+        """(padded requests, query rows per request) of the graph that serves this step, or None."""
+        if self.graph_runner is None or not batch.num_reqs:
+            return None
+        key = self.graph_runner.graph_key(batch.num_reqs, batch.num_tokens, int(batch.query_lens.max()))
+        if key is not None and key[1] > 1:
+            # Padding a request's rows lengthens its context: it must stay inside max_model_len (the block table).
+            prefix = int((batch.seq_lens - batch.query_lens).max())
+            if prefix + key[1] > self.config.scheduler_config.max_model_len:
+                return None
+        return key
+
+    def _forward(self, batch: BatchInputs, graph_key: tuple[int, int] | None, last_sampled: torch.Tensor | None,
+                 lora_requests: list) -> torch.Tensor:
+        """The model forward over the flat token dimension (a graph replay when `graph_key` names one, the batch
+        then in that graph's layout); returns hidden states [num_tokens, hidden]."""
+        num_tokens = batch.num_tokens
+        num_input = graph_key[0] * graph_key[1] if graph_key is not None else num_tokens
         self.adapters.prepare_step(lora_requests, batch.query_lens, num_tokens, num_input)
         self.input_ids.np[:num_tokens] = batch.input_ids
         self.positions.np[:num_tokens] = batch.positions
-        if graph_size is not None:  # padded rows: token 0 at position 0
-            self.input_ids.np[num_tokens:graph_size] = 0
-            self.positions.np[num_tokens:graph_size] = 0
+        if graph_key is not None:  # padded rows: token 0 at position 0
+            self.input_ids.np[num_tokens:num_input] = 0
+            self.positions.np[num_tokens:num_input] = 0
         input_ids = self.input_ids.upload(num_input)
         positions = self.positions.upload(num_input)
         if len(batch.prev_token_indices):
@@ -221,9 +243,9 @@ class ModelRunner:
             rows = torch.from_numpy(batch.prev_token_rows).to(self.device, non_blocking=True)
             indices = torch.from_numpy(batch.prev_token_indices).to(self.device, non_blocking=True)
             input_ids.index_copy_(0, indices, last_sampled.index_select(0, rows))
-        if graph_size is not None:
-            self.attn_metadata_builder.prepare_for_replay(batch, graph_size)
-            return self.graph_runner.replay(graph_size)[:num_reqs]
+        if graph_key is not None:
+            self.attn_metadata_builder.prepare_for_replay(batch, *graph_key)
+            return self.graph_runner.replay(*graph_key)[:num_tokens]
         attn_metadata = self.attn_metadata_builder.build(batch)
         with set_forward_context(attn_metadata, self.kv_caches):
             return self.forward_fn(input_ids, positions)

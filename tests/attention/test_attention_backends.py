@@ -145,6 +145,21 @@ def test_capture_metadata_is_padding_and_replay_writes_the_batch_into_it():
     assert md.block_table.tolist() == [[2, 0, 0, 0], [3, 4, 0, 0], [5, 0, 0, 0], [0, 0, 0, 0]]
 
 
+def test_verify_capture_metadata_has_uniform_queries_and_padded_requests():
+    builder = _builder(PagedAttentionBackend, max_model_len=16)
+    md = builder.build_for_capture(2, 3)  # two requests of three query tokens (two drafts each)
+    assert md.slot_mapping.tolist() == [PAD_SLOT_ID] * 6 and md.seq_lens.tolist() == [3, 3]
+    assert md.query_start_loc.tolist() == [0, 3, 6]
+    assert (md.max_query_len, md.max_seq_len, md.num_actual_tokens) == (3, 16, 6)
+    # One real request of three tokens at positions 4..6: the second one is padding (no write, 3 keys of block 0).
+    builder.prepare_for_replay(attention_inputs([3], [7], [[2, 5]], BLOCK_SIZE), 2, 3)
+    assert md.slot_mapping.tolist() == [20, 21, 22] + [PAD_SLOT_ID] * 3  # block 5 (block size 4)
+    assert md.seq_lens.tolist() == [7, 3]
+    assert md.block_table.tolist() == [[2, 5, 0, 0], [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="3 tokens per request"):
+        builder.prepare_for_replay(attention_inputs([2], [7], [[2, 5]], BLOCK_SIZE), 2, 3)
+
+
 def test_sdpa_has_no_graphs_and_paged_has_them_where_its_ops_do():
     assert TorchSDPABackend.graph_blockers({}) == ["the TORCH_SDPA attention backend"]
     with pytest.raises(NotImplementedError):

@@ -45,7 +45,8 @@ def test_capture_largest_first_and_replay_into_the_static_output():
     inputs = torch.zeros(4)  # a static input buffer, rewritten before each replay
     built = []
 
-    def build_step(size):
+    def build_step(size, query_len):
+        assert query_len == 1  # no verify graphs without speculative decoding
         built.append(size)
         view = inputs[:size]
         return lambda: view.unsqueeze(1).expand(size, 8) * 2
@@ -64,10 +65,43 @@ def test_capture_largest_first_and_replay_into_the_static_output():
 
 def test_only_decode_steps_that_fit_have_a_bucket():
     runner = _fake_runner()
-    runner.capture(lambda size: (lambda: torch.zeros(size, 8)))
+    runner.capture(lambda size, query_len: (lambda: torch.zeros(size * query_len, 8)))
     assert [runner.padded_size(n, n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
     assert runner.padded_size(2, 5) is None  # a prefill chunk in the step
     assert runner.padded_size(5, 5) is None  # larger than every bucket
+    assert runner.graph_key(2, 5, 4) is None  # no verify graphs without speculative decoding
+
+
+def test_verify_graphs_for_steps_of_a_few_tokens_per_request():
+    """Speculative decoding (k = 2): verify graphs of 3 rows per request, for the buckets whose rows fit the token
+    budget and at most verify_max_reqs requests; decode steps keep their one-row graphs."""
+    runner = CUDAGraphRunner((1, 2, 4, 8), hidden_size=8, dtype=torch.float32, device=torch.device("cpu"),
+                             create_graph=RerunGraph, verify_query_len=3, verify_max_reqs=8, max_num_tokens=14)
+    assert runner.verify_buckets.sizes == (1, 2, 4)  # 8 * 3 rows exceed 14 tokens
+    assert runner.keys == [(4, 3), (8, 1), (2, 3), (4, 1), (1, 3), (2, 1), (1, 1)]  # largest token count first
+    assert runner.max_num_tokens == 12 and runner.hidden_states.shape == (12, 8)
+    built = []
+
+    def build_step(size, query_len):
+        built.append((size, query_len))
+        return lambda: torch.full((size * query_len, 8), float(size * 10 + query_len))
+
+    before = compilation_counter.snapshot()
+    runner.capture(build_step)
+    assert built == runner.keys and runner.num_graphs == 7
+    assert runner.graph_key(3, 3, 1) == (4, 1)  # a decode step
+    assert runner.graph_key(3, 7, 3) == (4, 3)  # up to 3 tokens per request: a verify graph
+    assert runner.graph_key(1, 2, 2) == (1, 3)
+    assert runner.graph_key(2, 5, 4) is None  # a request with more tokens than the graph's rows
+    assert runner.graph_key(5, 9, 3) is None  # more requests than any verify bucket
+    with torch.inference_mode():
+        out = runner.replay(2, 3)
+    assert out.shape == (6, 8) and bool((out == 23.0).all())
+    counts = compilation_counter.since(before)
+    assert counts["num_cudagraph_replays"] == counts["num_verify_graph_replays"] == 1
+    limited = CUDAGraphRunner((1, 2, 4, 8), hidden_size=8, dtype=torch.float32, device=torch.device("cpu"),
+                              create_graph=RerunGraph, verify_query_len=3, verify_max_reqs=2, max_num_tokens=64)
+    assert limited.verify_buckets.sizes == (1, 2)  # speculation is off from batches of disable_by_batch_size
 
 
 def test_graphs_need_graph_safe_kernels_and_a_capturable_backend():

@@ -83,10 +83,25 @@ def test_lora_ops_replay_from_a_graph_with_new_slot_maps(cuda_kernels):
         assert rel_err(buf, ref) < 1e-2
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_path, async_scheduling):
-    """fp32, the GPU defaults (compile, decode graphs, async scheduling on or off), two adapters and base rows in one
-    batch."""
+# (compile, graphs): the GPU defaults, graphs over the eager model, and neither; a failure names the rows that differ
+MODES = {"compile+graphs": dict(), "eager+graphs": dict(compile=False), "eager": dict(enforce_eager=True)}
+
+
+def _row_diffs(got: list[list[int]], expected: list[list[int]], names: list) -> list[str]:
+    """One line per row whose tokens differ: its adapter, the first differing index, both sequences."""
+    lines = []
+    for row, (g, e, name) in enumerate(zip(got, expected, names)):
+        if g != e:
+            first = next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), min(len(g), len(e)))
+            lines.append(f"row {row} (adapter {name}): first difference at token {first}: {g} != {e}")
+    return lines
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_path, mode, async_scheduling):
+    """fp32, two adapters and base rows in one batch, served with compile and/or decode graphs, async scheduling on
+    or off: token-identical to transformers + peft on the same GPU."""
     from tests.lora.lora_testutils import reference_greedy, write_peft_adapter
 
     path, hf_model = tiny_model("llama")
@@ -107,14 +122,17 @@ def test_tiny_llama_adapters_with_graphs_match_peft(needs_cuda, tiny_model, tmp_
 
     with counting_compiles() as startup:
         llm = LLM(path, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-                  cuda_graph_sizes=[1, 2, 4], max_num_seqs=4, async_scheduling=async_scheduling)
+                  cuda_graph_sizes=[1, 2, 4], max_num_seqs=4, async_scheduling=async_scheduling, **MODES[mode])
     with counting_compiles() as serving:
         for order in (names, names[::-1]):  # adapters change slots and rows; nothing recompiles or recaptures
             outputs = llm.generate(prompt_token_ids=prompts if order is names else prompts[::-1],
                                    sampling_params=params, use_tqdm=False,
                                    lora_request=[None if n is None else loras[n] for n in order])
             got = [o.outputs[0].token_ids for o in outputs]
-            assert got == (expected if order is names else expected[::-1])
-    assert_compiled_once_and_captured(EngineRun(startup=startup, serving=serving), compiled=True, num_graphs=3)
+            want = expected if order is names else expected[::-1]
+            diffs = _row_diffs(got, want, order)
+            assert not diffs, "\n".join(diffs)
+    run = EngineRun(startup=startup, serving=serving)
+    assert_compiled_once_and_captured(run, compiled=mode == "compile+graphs", num_graphs=0 if mode == "eager" else 3)
     del llm
     release_device_memory()

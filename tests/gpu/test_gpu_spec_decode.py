@@ -1,6 +1,6 @@
 """Speculative decoding on the GPU: the Triton rejection sampler against its reference at a Llama-3 vocabulary, and
 a tiny Llama served with the GPU defaults (compile, decode graphs) and n-gram drafts, token-identical to plain
-decoding, verify steps running compiled without recompiling."""
+decoding, verify steps replayed from their own graphs (1 + k query rows per request) without recompiling."""
 from __future__ import annotations
 
 import torch
@@ -57,6 +57,9 @@ def test_tiny_llama_ngram_with_graphs_matches_plain(needs_cuda, tiny_model):
             assert got == expected[:len(batch)]
     scheduler = llm.llm_engine.engine_core.scheduler
     assert 0 < scheduler.spec_num_accepted_tokens < scheduler.spec_num_draft_tokens
-    assert serving["dynamo_unique_graphs"] == 0, serving
+    assert serving["dynamo_unique_graphs"] == 0 and serving["num_cudagraphs_captured"] == 0, serving
+    assert serving["num_verify_graph_replays"] > 0, serving
+    runner = llm.llm_engine.engine_core.model_executor.model_runner
+    assert runner.graph_runner.verify_buckets.sizes == (1, 2, 4, 8)
     del llm
     release_device_memory()

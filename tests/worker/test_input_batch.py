@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from graphserve.sampling_params import SamplingParams
-from graphserve.worker.input_batch import CachedRequestState, InputBatch
+from graphserve.worker.input_batch import CachedRequestState, InputBatch, uniform_layout
 
 BS = 4
 
@@ -128,3 +128,26 @@ def test_drafts_follow_the_known_tokens_and_every_scored_position_is_a_logits_in
     assert batch.slot_mapping[:4].tolist() == [a.block_ids[p // BS] * BS + p % BS for p in range(6, 10)]
     with pytest.raises(RuntimeError, match="drafts"):
         InputBatch(BS, max_num_reqs=4).prepare([_state("x", 5, 2, 6, 0)], [3], None, [[7]])
+
+
+def test_uniform_layout_puts_every_request_on_the_verify_graph_rows():
+    # a: 3 drafts (4 tokens); b: a 4-token prefill chunk (no sample); c: decode without drafts; d: 1 draft.
+    states = [_state("a", 5, 2, 6, 0), _state("b", 9, 0, 0, 10), _state("c", 3, 1, 3, 20), _state("d", 4, 3, 6, 30)]
+    for st in states:
+        st.block_ids.extend(range(st.block_ids[-1] + 1, st.block_ids[-1] + 3))
+    batch = InputBatch(BS, max_num_reqs=4, max_blocks_per_req=8).prepare(
+        states, [4, 4, 1, 2], None, [[7, 8, 9], [], [], [11]])
+    flat = uniform_layout(batch, 4)
+    pad = -1
+    assert flat.input_ids.tolist() == [501, 7, 8, 9, 100, 101, 102, 103, 500, 0, 0, 0, 502, 11, 0, 0]
+    assert flat.positions.tolist() == [6, 7, 8, 9, 0, 1, 2, 3, 3, 0, 0, 0, 6, 7, 0, 0]
+    assert flat.slot_mapping.tolist() == (batch.slot_mapping[:8].tolist() + [batch.slot_mapping[8], pad, pad, pad]
+                                          + batch.slot_mapping[9:].tolist() + [pad, pad])
+    assert flat.query_start_loc.tolist() == [0, 4, 8, 12, 16] and flat.query_lens.tolist() == [4] * 4
+    # The prefix (seq_len - query_len) of every request is unchanged: its real tokens keep their positions.
+    assert (flat.seq_lens - flat.query_lens).tolist() == (batch.seq_lens - batch.query_lens).tolist() == [6, 0, 3, 6]
+    assert flat.logits_indices.tolist() == [0, 1, 2, 3, 8, 12, 13]  # the same tokens, in their new rows
+    assert flat.input_ids[flat.logits_indices].tolist() == batch.input_ids[batch.logits_indices].tolist()
+    assert flat.sampling_req_indices == batch.sampling_req_indices and flat.spec_token_ids == batch.spec_token_ids
+    with pytest.raises(ValueError, match="does not fit 3 rows"):
+        uniform_layout(batch, 3)

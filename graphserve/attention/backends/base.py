@@ -85,12 +85,14 @@ class AttentionMetadataBuilder(ABC):
     def build(self, inputs: AttentionInputs) -> AttentionMetadata:
         """This step's metadata, on the device (eager or compiled forward)."""
 
-    def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
-        """Metadata of a decode graph of `num_reqs` rows: views of the persistent buffers, static bounds."""
+    def build_for_capture(self, num_reqs: int, query_len: int = 1) -> AttentionMetadata:
+        """Metadata of a graph of `num_reqs` requests with `query_len` query tokens each (1: a decode graph, more: a
+        verify graph): views of the persistent buffers, static bounds."""
         raise NotImplementedError(f"{type(self).__name__} cannot be captured in CUDA/HIP graphs")
 
-    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
-        """Write a decode batch into the buffers `build_for_capture` handed out, padded to `num_padded_reqs` rows."""
+    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int, query_len: int = 1) -> None:
+        """Write a batch of exactly `query_len` tokens per request into the buffers `build_for_capture` handed out,
+        padded to `num_padded_reqs` requests."""
         raise NotImplementedError(f"{type(self).__name__} cannot be captured in CUDA/HIP graphs")
 
 

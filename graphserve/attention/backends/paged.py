@@ -25,11 +25,13 @@ from graphserve.ops import attention as attention_ops
 
 
 class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
-    """Stages the batch layout into persistent buffers; decode graphs are captured over slices of them.
+    """Stages the batch layout into persistent buffers; graphs are captured over slices of them.
 
-    A graph of `size` rows reads rows [0, size) of each buffer, with the block table at its full width
-    (max_model_len / block_size) and one query token per row. Padded rows write nowhere (slot -1) and read one
-    token of block 0, which always exists, so a kernel launched over the whole bucket stays inside the pool.
+    A graph of `size` requests with `query_len` query tokens each reads token rows [0, size * query_len) and
+    request rows [0, size) of each buffer, with the block table at its full width (max_model_len / block_size):
+    a decode graph has one query token per request, a verify graph 1 + num_speculative_tokens. Padded requests
+    write nowhere (slot -1) and read `query_len` tokens of block 0, which always exists, so a kernel launched over
+    the whole bucket stays inside the pool.
     """
 
     def __init__(self, block_size: int, max_num_reqs: int, max_num_tokens: int, max_model_len: int,
@@ -44,9 +46,18 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
         self.seq_lens = buffer(max_num_reqs, torch.int32, 1)
         # Flat, so that a step uses a contiguous [num_reqs, width] prefix of whatever width it needs.
         self.block_table = buffer(max_num_reqs * self.max_blocks_per_seq, torch.int32)
-        with torch.inference_mode():
-            # Decode graphs: every row holds exactly one query token, padded rows included.
-            self.decode_query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
+        # Graphs: every request holds exactly query_len query tokens (padded requests included), so the offsets
+        # are constant per query length: 0, q, 2q, ...
+        self._uniform_query_start_loc: dict[int, torch.Tensor] = {}
+
+    def uniform_query_start_loc(self, query_len: int) -> torch.Tensor:
+        """[max_num_reqs + 1] int32 offsets of requests of `query_len` tokens each (a static device tensor)."""
+        loc = self._uniform_query_start_loc.get(query_len)
+        if loc is None:
+            with torch.inference_mode():
+                loc = torch.arange(self.max_num_reqs + 1, dtype=torch.int32, device=self.device) * query_len
+            self._uniform_query_start_loc[query_len] = loc
+        return loc
 
     def build(self, inputs: AttentionInputs) -> AttentionMetadata:
         """Upload the batch as it is (no padding): metadata for the eager or compiled forward."""
@@ -66,45 +77,52 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
             num_actual_tokens=num_tokens,
         )
 
-    def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
-        """Views of rows [0, num_reqs), all padding for now; max_seq_len = max_model_len keeps the grids static."""
-        self._stage_padding(0, num_reqs)
-        self._upload_decode(num_reqs)
+    def build_for_capture(self, num_reqs: int, query_len: int = 1) -> AttentionMetadata:
+        """Views of requests [0, num_reqs), all padding for now; max_seq_len = max_model_len keeps the grids
+        static."""
+        self._stage_padding(0, num_reqs, query_len)
+        self._upload(num_reqs, query_len)
         width = self.max_blocks_per_seq
+        num_tokens = num_reqs * query_len
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping.device[:num_reqs],
-            query_start_loc=self.decode_query_start_loc[: num_reqs + 1],
+            slot_mapping=self.slot_mapping.device[:num_tokens],
+            query_start_loc=self.uniform_query_start_loc(query_len)[: num_reqs + 1],
             seq_lens=self.seq_lens.device[:num_reqs],
             block_table=self.block_table.device[: num_reqs * width].view(num_reqs, width),
-            max_query_len=1,
+            max_query_len=query_len,
             max_seq_len=self.max_model_len,
-            num_actual_tokens=num_reqs,
+            num_actual_tokens=num_tokens,
         )
 
-    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
-        """Write a decode batch (one token per request) into rows [0, num_reqs), pad the rest of the bucket."""
+    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int, query_len: int = 1) -> None:
+        """Write a batch of `query_len` tokens per request into requests [0, num_reqs), pad the rest of the
+        bucket."""
         num_reqs, width = inputs.num_reqs, inputs.block_table.shape[1]
-        self.slot_mapping.np[:num_reqs] = inputs.slot_mapping
+        if inputs.num_tokens != num_reqs * query_len:
+            raise ValueError(f"a graph of {query_len} tokens per request replays {inputs.num_tokens} tokens of "
+                             f"{num_reqs} requests")
+        self.slot_mapping.np[: inputs.num_tokens] = inputs.slot_mapping
         self.seq_lens.np[:num_reqs] = inputs.seq_lens
         full = self.max_blocks_per_seq
         table = self.block_table.np[: num_padded_reqs * full].reshape(num_padded_reqs, full)
         table[:num_reqs, :width] = inputs.block_table
         # Staging copies alternate between steps, so columns past this step's width hold older block ids.
         table[:num_reqs, width:] = 0
-        self._stage_padding(num_reqs, num_padded_reqs)
-        self._upload_decode(num_padded_reqs)
+        self._stage_padding(num_reqs, num_padded_reqs, query_len)
+        self._upload(num_padded_reqs, query_len)
 
-    def _stage_padding(self, start: int, end: int) -> None:
-        """Rows [start, end) become padding: no cache write, one token of context in block 0."""
+    def _stage_padding(self, start: int, end: int, query_len: int) -> None:
+        """Requests [start, end) become padding: no cache write, `query_len` tokens of context in block 0 (as
+        long as its query, so every padded query token sees at least one key)."""
         full = self.max_blocks_per_seq
-        self.slot_mapping.np[start:end] = PAD_SLOT_ID
-        self.seq_lens.np[start:end] = 1
+        self.slot_mapping.np[start * query_len : end * query_len] = PAD_SLOT_ID
+        self.seq_lens.np[start:end] = query_len
         self.block_table.np[start * full : end * full] = 0
 
-    def _upload_decode(self, num_rows: int) -> None:
-        self.slot_mapping.upload(num_rows)
-        self.seq_lens.upload(num_rows)
-        self.block_table.upload(num_rows * self.max_blocks_per_seq)
+    def _upload(self, num_reqs: int, query_len: int) -> None:
+        self.slot_mapping.upload(num_reqs * query_len)
+        self.seq_lens.upload(num_reqs)
+        self.block_table.upload(num_reqs * self.max_blocks_per_seq)
 
 
 class PagedAttentionImpl(AttentionImpl):

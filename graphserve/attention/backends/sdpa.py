@@ -50,11 +50,11 @@ class SDPAMetadataBuilder(PagedAttentionMetadataBuilder):
             decode_rows=np.flatnonzero(query_lens == 1).tolist(),
         )
 
-    def build_for_capture(self, num_reqs: int) -> AttentionMetadata:
+    def build_for_capture(self, num_reqs: int, query_len: int = 1) -> AttentionMetadata:
         """Not capturable: the impl loops on the host (TorchSDPABackend.supports_cuda_graphs is False)."""
         raise NotImplementedError("the TORCH_SDPA attention backend cannot be captured in CUDA/HIP graphs")
 
-    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int) -> None:
+    def prepare_for_replay(self, inputs: AttentionInputs, num_padded_reqs: int, query_len: int = 1) -> None:
         """Not capturable: the impl loops on the host."""
         raise NotImplementedError("the TORCH_SDPA attention backend cannot be captured in CUDA/HIP graphs")
 
