@@ -86,8 +86,12 @@ class Scheduler:
         self.max_loras = lora_config.max_loras if lora_config is not None else 0
         # Speculative decoding: steps with at least this many running requests verify no drafts.
         self.spec_disable_batch_size = None
+        # A draft model writes its speculative positions past a step's tokens: the slots are reserved with the step.
+        self.num_lookahead_tokens = 0
         if speculative_config is not None:
             self.spec_disable_batch_size = speculative_config.disable_by_batch_size
+            if speculative_config.method == "draft_model":
+                self.num_lookahead_tokens = speculative_config.num_speculative_tokens
         # Cumulative since start: verify steps per request, draft tokens verified, drafts accepted.
         self.spec_num_drafts = 0
         self.spec_num_draft_tokens = 0
@@ -217,12 +221,16 @@ class Scheduler:
                     continue  # keeps its place; a later, shorter request may still fit
                 num_new_tokens = token_budget
             req_id = request.request_id
+            # Lookahead slots (draft model): never past the context, so never more KV than add_request promised.
+            lookahead = 0
+            if self.num_lookahead_tokens and speculate:
+                lookahead = max(0, min(self.num_lookahead_tokens, self.max_model_len - start - num_new_tokens))
             # Fast path for the common decode step: the new token fits the last block (a running request always
             # holds blocks). This is allocate_slots' own first check, without the call.
-            if start + num_new_tokens <= len(req_to_blocks[req_id]) * block_size:
+            if start + num_new_tokens + lookahead <= len(req_to_blocks[req_id]) * block_size:
                 new_block_ids = []
             else:
-                new_block_ids, preempted_now = self._allocate_or_preempt(request, num_new_tokens)
+                new_block_ids, preempted_now = self._allocate_or_preempt(request, num_new_tokens + lookahead)
                 preempted = preempted or preempted_now
                 if new_block_ids is None:
                     break  # the request preempted itself: everything after it already went too

@@ -92,9 +92,21 @@ class EngineArgs:
             if config is None:
                 raise ValueError("speculative_disable_by_batch_size needs speculative_config")
             config = dataclasses.replace(config, disable_by_batch_size=self.speculative_disable_by_batch_size)
-        if config is not None and config.method == "draft_model":
-            raise ValueError("speculative_config: method 'draft_model' is not supported yet; use 'ngram'")
         return config
+
+    def _with_draft_model_config(self, config: SpeculativeConfig, target) -> SpeculativeConfig:
+        """Resolve the draft checkpoint like the target's (same dtype, context and load format); ValueError when it
+        cannot propose for the target."""
+        from graphserve.models.config_loader import create_model_config
+        from graphserve.spec_decode.draft_model import check_draft_model
+
+        try:
+            draft = create_model_config(config.model, dtype=target.dtype, max_model_len=target.max_model_len,
+                                        load_format=self.load_format, seed=self.seed)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"speculative_config.model {config.model!r}: {e}") from None
+        check_draft_model(target, draft)
+        return dataclasses.replace(config, draft_model_config=draft)
 
     def create_engine_config(self):
         """Resolve the model and validate every setting; raises ValueError naming the bad field."""
@@ -127,6 +139,8 @@ class EngineArgs:
         platform = resolve_platform(self.device)
         attention_backend = None if self.attention_backend is None else validate_backend_name(self.attention_backend)
         speculative_config = self.create_speculative_config()
+        if speculative_config is not None and speculative_config.method == "draft_model":
+            speculative_config = self._with_draft_model_config(speculative_config, model_config)
         async_scheduling = self.async_scheduling
         if async_scheduling is None:
             async_scheduling = platform.capabilities.async_scheduling_by_default

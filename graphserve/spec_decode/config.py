@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("ngram", "draft_model")
@@ -19,6 +19,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3  # ngram: longest one (longer matches win)
     model: str | None = None  # draft_model: a checkpoint sharing the target's tokenizer
     disable_by_batch_size: int | None = None  # no speculation in steps with at least this many requests
+    # draft_model: the draft's resolved ModelConfig (EngineArgs fills it in; not a user field)
+    draft_model_config: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_user(cls, value: str | dict[str, Any] | None) -> SpeculativeConfig | None:

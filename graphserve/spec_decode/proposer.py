@@ -1,8 +1,9 @@
 """The runner's side of speculative decoding: after a step's tokens reach the host, propose each request's drafts
 for the next step (handed to the scheduler in `ModelRunnerOutput.spec_token_ids`).
 
-The proposer behind it is the n-gram prompt lookup today; a draft model or an EAGLE / MTP head is another
-`propose(token_ids, max_tokens)` behind the same component.
+Behind it: the n-gram prompt lookup (host-side, per request, `propose(token_ids)`) or a draft model
+(`spec_decode/draft_model.py`: batched over the step on the device, with its own KV cache and graphs). An EAGLE /
+MTP head would be another batched proposer.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from graphserve.spec_decode.ngram_proposer import NgramProposer
 if TYPE_CHECKING:
     from graphserve.core.scheduler_output import ModelRunnerOutput
     from graphserve.sampling_params import SamplingParams
-    from graphserve.worker.input_batch import CachedRequestState
+    from graphserve.spec_decode.draft_model import DraftModelProposer
+    from graphserve.worker.input_batch import CachedRequestState, InputBatch
 
 
 class Proposer(Protocol):
@@ -32,14 +34,24 @@ def can_speculate(params: SamplingParams) -> bool:
 class SpecDecodeProposer:
     """Proposes drafts for the requests that sampled in a step, unless the step was too large to gain from them."""
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, draft: DraftModelProposer | None = None,
+                 input_batch: InputBatch | None = None) -> None:
         self.config = config
-        self.proposer: Proposer = NgramProposer(config)
+        self.proposer: Proposer | None = NgramProposer(config) if draft is None else None
+        self.draft = draft
+        self.input_batch = input_batch  # its block table: where the draft model's KV goes
         self.disable_by_batch_size = config.disable_by_batch_size
 
     def propose_for_step(self, out: ModelRunnerOutput, states: list[CachedRequestState]) -> None:
         """Fill `out.spec_token_ids` for the requests of a step whose sampled tokens were just booked."""
         if self.disable_by_batch_size is not None and len(states) >= self.disable_by_batch_size:
+            return
+        if self.draft is not None:
+            pairs = [(st, bool(tokens)) for st, tokens in zip(states, out.sampled_token_ids)
+                     if can_speculate(st.sampling_params)]
+            if pairs:
+                out.spec_token_ids.update(self.draft.propose([st for st, _ in pairs], self.input_batch.block_table,
+                                                             [wants for _, wants in pairs]))
             return
         for st, tokens in zip(states, out.sampled_token_ids):
             if not tokens or not can_speculate(st.sampling_params):
@@ -50,6 +62,7 @@ class SpecDecodeProposer:
                 out.spec_token_ids[st.req_id] = drafts
 
 
-def create_proposer(config: SpeculativeConfig | None) -> SpecDecodeProposer | None:
+def create_proposer(config: SpeculativeConfig | None, draft: DraftModelProposer | None = None,
+                    input_batch: InputBatch | None = None) -> SpecDecodeProposer | None:
     """The runner's proposer, None when speculative decoding is off."""
-    return None if config is None else SpecDecodeProposer(config)
+    return None if config is None else SpecDecodeProposer(config, draft, input_batch)

@@ -31,6 +31,8 @@ class CachedRequestState:
     # Its row of InputBatch's persistent block table (-1: none yet) and how many of its blocks the row holds.
     table_row: int = field(default=-1, init=False, repr=False)
     num_table_blocks: int = field(default=0, init=False, repr=False)
+    # Speculative decoding with a draft model: positions whose draft KV holds the request's true tokens.
+    num_draft_computed: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Sampling reads its generated tokens (async scheduling waits for a token still in flight).

@@ -18,6 +18,7 @@ from graphserve.models.loader import get_model
 from graphserve.platforms import get_platform
 from graphserve.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_topk_logprobs
 from graphserve.sample.rejection_sampler import RejectionSampler
+from graphserve.spec_decode.draft_model import DraftModelProposer
 from graphserve.spec_decode.proposer import create_proposer
 from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch, uniform_layout
@@ -53,8 +54,6 @@ class ModelRunner:
         self.input_batch = InputBatch(self.block_size, max_num_reqs=sched.max_num_seqs,
                                       max_blocks_per_req=-(-sched.max_model_len // self.block_size))
         self.sampler = Sampler()
-        # Speculative decoding (None when off): drafts proposed after each step, verified by the next one.
-        self.proposer = create_proposer(config.speculative_config)
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.model_config.seed)
@@ -73,6 +72,14 @@ class ModelRunner:
         # LoRA adapters (a no-op component when LoRA is off): wraps the projections before compile and capture.
         self.adapters = create_adapter_manager(self.model, self.model_config, config.lora_config, max_tokens,
                                                self.device, self.dtype, self.pin_memory)
+        # Speculative decoding (None when off): drafts proposed after each step, verified by the next one; a draft
+        # model brings its own weights, KV pool (indexed by the same block tables) and graphs.
+        spec = config.speculative_config
+        self.draft = None
+        if spec is not None and spec.method == "draft_model":
+            self.draft = DraftModelProposer(config, spec.draft_model_config, self.platform, self.kernel_choices,
+                                            self.attn_backend, self.device, self.pin_memory, max_tokens)
+        self.proposer = create_proposer(spec, self.draft, self.input_batch)
         self.input_ids = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
         self.positions = StagedBuffer((max_tokens,), torch.int64, self.device, self.pin_memory)
         self.kv_caches: list[torch.Tensor] = []
@@ -80,7 +87,6 @@ class ModelRunner:
         self.compilation_config = config.compilation_config
         self.forward_fn = create_forward_fn(self.model, self.compilation_config)
         # With speculative decoding, verify steps (1 + k query tokens per request) get graphs of their own.
-        spec = config.speculative_config
         self.graph_runner = create_graph_runner(
             self.compilation_config, self.platform, self.kernel_choices, self.attn_backend,
             hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
@@ -92,6 +98,8 @@ class ModelRunner:
         """Size and allocate the KV pool from the memory budget; returns the number of blocks."""
         cc = self.config.cache_config
         block_bytes = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.attn_backend)
+        if self.draft is not None:  # the draft's pool has as many blocks
+            block_bytes += self.draft.kv_cache_bytes_per_block()
         self.num_blocks = determine_num_blocks(
             self.model_config, cc, self.config.scheduler_config, block_bytes, self._kv_cache_budget()
         )
@@ -119,6 +127,8 @@ class ModelRunner:
         def max_step() -> None:
             hidden_states = dummy_forward(self.forward_fn, self.max_num_tokens, max_len, self.device)
             dummy_sampler_run(self.model, self.sampler, hidden_states, num_reqs, self.device, self.pin_memory)
+            if self.draft is not None:
+                self.draft.profile_run()
 
         graph_batch = None
         if self.graph_runner is not None:
@@ -130,7 +140,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compile_or_warm_up_model(self) -> None:
-        """Compile the forward now rather than on the first request, and capture the decode (and verify) graphs."""
+        """Compile the forward now rather than on the first request, and capture the decode (and verify) graphs;
+        the same for the draft model, with its KV pool."""
+        if self.draft is not None:
+            self.draft.initialize(self.num_blocks)
         if self.graph_runner is not None:
             free_before, _ = self.platform.mem_get_info(self.device)
             self.graph_runner.capture(self._graph_step)
