@@ -8,7 +8,8 @@ output is token-identical to plain decoding.
 
 `--verify-cost`: the mechanism's cost, independent of acceptance (for dummy weights): every step of a batch-1
 decode verifies exactly k forced drafts (k = 0 is a plain decode step), one engine per k (its verify graphs have
-1 + k rows per request); reported as ms per step.
+1 + k rows per request); reported as ms per step. With `--draft-model` the drafts come from that model (dummy
+weights: mostly rejected, but every step still verifies k), so the step includes the draft's proposal.
 
 `--synthetic`: token-id prompts that repeat random spans (copy-heavy), greedy, at each `--batch-sizes` B: plain
 decoding, then n-gram for each k (with `--speculative-disable-by-batch-size` as given): output tokens/s of the
@@ -59,6 +60,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160, help="tokens per reply")
     parser.add_argument("--verify-cost", action="store_true", help="time forced verify steps instead")
+    parser.add_argument("--draft-model", default=None,
+                        help="verify-cost: drafts from this draft model (e.g. a 1-layer model of the target's shape)")
     parser.add_argument("--synthetic", action="store_true", help="copy-heavy token-id prompts at --batch-sizes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="synthetic: batch sizes")
     parser.add_argument("--prompt-len", type=int, default=256, help="synthetic: prompt tokens")
@@ -186,14 +189,18 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
     prompt = [[11 + i for i in range(32)]]
     results = []
     for k in [0, *args.k]:
-        # k = 0: plain decode steps (speculation off at batch 1), on the first engine.
-        llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": max(k, 1)},
-                  **_engine_kwargs(args))
+        # k = 0: plain decode steps (no speculation); k > 0: forced n-gram drafts, or the draft model's own.
+        if k == 0:
+            spec = None
+        elif args.draft_model:
+            spec = {"model": args.draft_model, "num_speculative_tokens": k}
+        else:
+            spec = {"method": "ngram", "num_speculative_tokens": k}
+        llm = LLM(args.model, speculative_config=spec, **_engine_kwargs(args))
         runner = llm.llm_engine.engine_core.model_executor.model_runner
-        proposer, platform = runner.proposer, runner.platform
-        proposer.proposer.propose = lambda ids, max_tokens=None, k=k: [ids[-1]] * (k if max_tokens is None
-                                                                                     else min(k, max_tokens))
-        proposer.disable_by_batch_size = None if k else 1
+        platform = runner.platform
+        if spec is not None and not args.draft_model:
+            runner.proposer.proposer.propose = lambda ids, max_tokens=None, k=k: [ids[-1]] * k
         counter = _counting_steps(llm)
         llm.generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)  # warm-up
         best = None
@@ -215,7 +222,9 @@ def bench_verify_cost(args: argparse.Namespace) -> dict:
     base = results[0]["ms_per_step"]
     for r in results:
         r["relative_to_plain_step"] = r["ms_per_step"] / base
-    return {"workload": "batch 1, forced drafts (every step verifies k drafts)", "output_len": args.output_len,
+    workload = ("batch 1, every step verifies k drafts of the draft model (proposal cost included)"
+                if args.draft_model else "batch 1, forced n-gram drafts (every step verifies k drafts)")
+    return {"workload": workload, "draft_model": args.draft_model, "output_len": args.output_len,
             "results": results}
 
 

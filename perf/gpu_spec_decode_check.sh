@@ -4,7 +4,8 @@
 #              verify graphs and n-gram drafts) and of LoRA (ops; tiny Llama with adapters in every compile/graph/
 #              async mode);
 #   cost:      verify-step cost for k = 1..5 forced drafts at batch 1 on the Llama-3-8B shape (dummy weights), one
-#              engine per k, against a plain decode step (PROFILE=1 adds a profile of the k = 5 run);
+#              engine per k, against a plain decode step (PROFILE=1 adds a profile of the k = 5 run); then the
+#              same with a 1-layer draft model of the same shape proposing (k = 1, 3, 5);
 #   synthetic: n-gram on copy-heavy token-id prompts at batch 1, 8, 32 and 64, plain vs k = 3 and 5, no policy.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0 GRAPHSERVE_COMPILE_CACHE_DIR=/tmp/gs_compile
@@ -20,7 +21,11 @@ case " $PART " in *" cost "*)
   PROF=""; [ -n "${PROFILE:-}" ] && PROF="--profile $OUT/spec_decode_verify_profile.txt"
   timeout 420 python3 -m perf.bench_spec_decode --verify-cost --k 1 2 3 4 5 --output-len 64 $M \
     --cuda-graph-sizes 1 2 4 8 $PROF --out "$OUT/spec_decode_verify_cost_llama8b.json" > "$OUT/spec_decode_verify_cost.log" 2>&1
-  grep '^{"k"' "$OUT/spec_decode_verify_cost.log" || tail -n 20 "$OUT/spec_decode_verify_cost.log";;
+  grep '^{"k"' "$OUT/spec_decode_verify_cost.log" || tail -n 20 "$OUT/spec_decode_verify_cost.log"
+  timeout 300 python3 -m perf.bench_spec_decode --verify-cost --k 1 3 5 --output-len 64 $M \
+    --draft-model perf/configs/llama-3-8b-1layer --cuda-graph-sizes 1 2 4 8 \
+    --out "$OUT/spec_decode_draft_cost_llama8b.json" > "$OUT/spec_decode_draft_cost.log" 2>&1
+  grep '^{"k"' "$OUT/spec_decode_draft_cost.log" || tail -n 20 "$OUT/spec_decode_draft_cost.log";;
 esac
 case " $PART " in *" synthetic "*)
   timeout 540 python3 -m perf.bench_spec_decode --synthetic --batch-sizes 1 8 32 64 --k 3 5 --max-tokens 128 $M \

@@ -63,3 +63,35 @@ def test_tiny_llama_ngram_with_graphs_matches_plain(needs_cuda, tiny_model):
     assert runner.graph_runner.verify_buckets.sizes == (1, 2, 4, 8)
     del llm
     release_device_memory()
+
+
+def test_tiny_llama_draft_model_with_graphs(needs_cuda, tiny_model):
+    """The target as its own draft under compile + graphs (the draft's decode graphs, the target's verify graphs):
+    the plain output, nearly every draft accepted, nothing compiled or captured while serving."""
+    path, _ = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 500, (int(n),), generator=g).tolist() for n in torch.randint(3, 60, (6,), generator=g)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    plain = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompt_token_ids=prompts, sampling_params=params,
+                                                               use_tqdm=False)]
+    del plain
+    release_device_memory()
+    llm = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8,
+              speculative_config={"model": path, "num_speculative_tokens": 4})
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=params, use_tqdm=False)  # warm-up
+    scheduler = llm.llm_engine.engine_core.scheduler
+    before = (scheduler.spec_num_draft_tokens, scheduler.spec_num_accepted_tokens)
+    with counting_compiles() as serving:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params,
+                                                            use_tqdm=False)]
+    assert got == expected
+    tokens = scheduler.spec_num_draft_tokens - before[0]
+    accepted = scheduler.spec_num_accepted_tokens - before[1]
+    assert tokens > 0 and accepted / tokens > 0.9, (tokens, accepted)
+    assert serving["dynamo_unique_graphs"] == 0 and serving["num_cudagraphs_captured"] == 0, serving
+    assert serving["num_verify_graph_replays"] > 0, serving
+    runner = llm.llm_engine.engine_core.model_executor.model_runner
+    assert runner.draft.graph_runner is not None and runner.draft.graph_runner.num_graphs == 4
+    del llm
+    release_device_memory()
