@@ -53,15 +53,27 @@ TASKS = [
     f"Add a docstring to this function and return the whole function:\n\n{CODE}",
     f"Summarise this passage in two sentences, reusing its wording:\n\n{PASSAGE}",
 ]
+# `--tasks code-chat` (draft models, which need no input grounding): code generation, a code edit, a chat answer.
+CODE_CHAT_TASKS = [
+    "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a docstring and two "
+    "doctest examples.",
+    "Write a Python function that performs binary search on a sorted list and returns the index or -1.",
+    f"Add type hints and a docstring to this function and return the whole function:\n\n{CODE}",
+    "Explain in three sentences what a hash table is and when to use one.",
+]
+TASK_SETS = {"grounded": TASKS, "code-chat": CODE_CHAT_TASKS}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 5], help="num_speculative_tokens values")
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument("--tasks", choices=sorted(TASK_SETS), default="grounded",
+                        help="the chat tasks of the default mode")
     parser.add_argument("--max-tokens", type=int, default=160, help="tokens per reply")
     parser.add_argument("--verify-cost", action="store_true", help="time forced verify steps instead")
     parser.add_argument("--draft-model", default=None,
-                        help="verify-cost: drafts from this draft model (e.g. a 1-layer model of the target's shape)")
+                        help="drafts from this draft model instead of n-gram (verify-cost: e.g. a 1-layer model of "
+                             "the target's shape)")
     parser.add_argument("--synthetic", action="store_true", help="copy-heavy token-id prompts at --batch-sizes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="synthetic: batch sizes")
     parser.add_argument("--prompt-len", type=int, default=256, help="synthetic: prompt tokens")
@@ -90,14 +102,14 @@ def _spec_counts(llm) -> tuple[int, int, int]:
     return s.spec_num_drafts, s.spec_num_draft_tokens, s.spec_num_accepted_tokens
 
 
-def _run_tasks(llm, params) -> tuple[list[list[int]], float, int]:
+def _run_tasks(llm, params, tasks: list[str]) -> tuple[list[list[int]], float, int]:
     """Each task alone (batch 1): its token ids, total decode seconds after the first token (the time of the same
     request stopped after one token subtracted), decode tokens."""
     from graphserve import SamplingParams
 
     first_only = SamplingParams(temperature=0.0, max_tokens=1)
     tokens, decode_s, decode_tokens = [], 0.0, 0
-    for task in TASKS:
+    for task in tasks:
         messages = [{"role": "user", "content": task}]
         t0 = time.perf_counter()
         llm.chat(messages, first_only, use_tqdm=False)
@@ -112,22 +124,29 @@ def _run_tasks(llm, params) -> tuple[list[list[int]], float, int]:
 
 
 def bench_ngram(args: argparse.Namespace) -> dict:
+    """Plain decoding, then each k of n-gram drafts (or of `--draft-model` drafts), over the chat tasks."""
     from graphserve import LLM, SamplingParams
 
+    tasks = TASK_SETS[args.tasks]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    warm = SamplingParams(temperature=0.0, max_tokens=8)
     kwargs = _engine_kwargs(args)
     llm = LLM(args.model, **kwargs)
-    _run_tasks(llm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
-    ref_tokens, ref_s, ref_n = _run_tasks(llm, params)
+    _run_tasks(llm, warm, tasks[:1])
+    ref_tokens, ref_s, ref_n = _run_tasks(llm, params, tasks)
     plain = {"decode_tok_s": ref_n / ref_s, "decode_tokens": ref_n}
+    print(json.dumps({"k": 0, **plain}), flush=True)
     del llm
     runs = []
     for k in args.k:
-        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max}
+        if args.draft_model:
+            spec = {"model": args.draft_model, "num_speculative_tokens": k}
+        else:
+            spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max}
         llm = LLM(args.model, speculative_config=spec, **kwargs)
-        _run_tasks(llm, SamplingParams(temperature=0.0, max_tokens=8))
+        _run_tasks(llm, warm, tasks[:1])
         before = _spec_counts(llm)
-        tokens, s, n = _run_tasks(llm, params)
+        tokens, s, n = _run_tasks(llm, params, tasks)
         drafts, draft_tokens, accepted = (a - b for a, b in zip(_spec_counts(llm), before))
         runs.append({
             "num_speculative_tokens": k, "decode_tok_s": n / s, "speedup": (n / s) / plain["decode_tok_s"],
@@ -138,9 +157,11 @@ def bench_ngram(args: argparse.Namespace) -> dict:
         })
         print(json.dumps(runs[-1]), flush=True)
         del llm
-    return {"workload": "input-grounded chat tasks, one at a time, greedy", "num_tasks": len(TASKS),
-            "max_tokens": args.max_tokens, "prompt_lookup_max": args.prompt_lookup_max, "plain": plain,
-            "ngram": runs}
+    proposer = (f"draft model {args.draft_model}" if args.draft_model
+                else f"ngram (prompt_lookup_max {args.prompt_lookup_max})")
+    return {"workload": f"{args.tasks} chat tasks, one at a time, greedy", "num_tasks": len(tasks),
+            "proposer": proposer, "max_tokens": args.max_tokens, "plain": plain,
+            "draft_model" if args.draft_model else "ngram": runs}
 
 
 def _timed(llm, platform, prompt, params) -> float:
@@ -304,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.synthetic:
         record, name = bench_synthetic(args), "spec_decode_synthetic"
     else:
-        record, name = bench_ngram(args), "spec_decode_ngram"
+        record = bench_ngram(args)
+        name = "spec_decode_draft_model" if args.draft_model else "spec_decode_ngram"
     record["model"] = args.model or "default (SmolLM2-135M-Instruct GGUF)"
     write_record(name, record, args.out, sys.argv)
     return 0
