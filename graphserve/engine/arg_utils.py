@@ -75,7 +75,7 @@ class EngineArgs:
     cuda_graph_sizes: list[int] | None = None  # decode batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
     async_scheduling: bool | None = None  # overlap host work with the device; None = the platform's default (GPU on)
     attention_backend: str | None = None  # PAGED_ATTN | TORCH_SDPA; None = the platform's default
-    quantization: str | None = None  # awq | gptq | squeezellm; None = what the checkpoint says
+    quantization: str | None = None  # awq | gptq | squeezellm | fp8 | compressed-tensors; None = the checkpoint's
     enable_lora: bool = False  # serve PEFT LoRA adapters per request (LoRARequest)
     max_loras: int = 1  # distinct adapters in one step (device slots)
     max_lora_rank: int = 16
@@ -233,7 +233,8 @@ class EngineArgs:
         g.add_argument("--quantization", "-q", default=d.quantization, type=str.lower,
                        choices=sorted(QUANTIZATION_METHODS),
                        help="the checkpoint's quantization method (default: read from its config); an error if "
-                            "the checkpoint is quantized otherwise")
+                            "the checkpoint is quantized otherwise. fp8 on an unquantized checkpoint quantizes it "
+                            "at load (e4m3 weights per output channel, activations per token)")
         g.add_argument("--attention-backend", default=d.attention_backend, type=str.upper,
                        choices=backend_names(),
                        help="attention implementation (default: the platform's, PAGED_ATTN); "

@@ -6,6 +6,7 @@ Importing this package registers every family. Platforms add device kernels with
 from graphserve.ops import (  # noqa: F401  (registers the ops)
     activation,
     attention,
+    fp8,
     layernorm,
     lora,
     quant,

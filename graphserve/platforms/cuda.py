@@ -12,7 +12,7 @@ from graphserve.platforms.interface import (
     PlatformCapabilities,
     PlatformEnum,
 )
-from graphserve.platforms.kernels import register_triton_kernels_once
+from graphserve.platforms.kernels import register_cublas_kernels_once, register_triton_kernels_once
 
 
 def _nvml_uuid(index: int) -> str | None:
@@ -120,7 +120,7 @@ class CudaPlatform(Platform):
         torch.cuda.synchronize(device)
 
     def register_device_kernels(self) -> dict[str, str]:
-        return register_triton_kernels_once(self.dispatch_key)
+        return {**register_triton_kernels_once(self.dispatch_key), **register_cublas_kernels_once(self.dispatch_key)}
 
     def empty_cache(self, device: torch.device) -> None:
         torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ _triton_unavailable: dict[str, str] = {}  # dispatch key -> why the torch refere
 class KernelChoice:
     """The implementation behind one op on one platform."""
 
-    impl: str  # "triton" | "csrc" | "torch" (the reference) | "custom" (registered by other code)
+    impl: str  # "triton" | "csrc" | "cublas" (torch's CUDA libraries) | "torch" (the reference) | "custom"
     graph_safe: bool  # no host syncs and no allocations that move: may run inside a captured CUDA/HIP graph
 
     def __str__(self) -> str:
@@ -84,3 +84,23 @@ def register_triton_kernels_once(dispatch_key: str) -> dict[str, str]:
 def triton_unavailable_reason(dispatch_key: str) -> str | None:
     """Why the Triton kernels are not used on `dispatch_key` (None when they are, or were never asked for)."""
     return _triton_unavailable.get(dispatch_key)
+
+
+_cublas_kernels: dict[str, dict[str, str]] = {}
+
+
+def register_cublas_kernels_once(dispatch_key: str) -> dict[str, str]:
+    """Register the ops served by torch's own CUDA libraries on `dispatch_key` once: the FP8 scaled GEMM through
+    cuBLASLt (`torch._scaled_mm`) when the GPU has FP8 tensor cores. {} elsewhere (the reference runs)."""
+    if dispatch_key not in _cublas_kernels:
+        import torch
+
+        from graphserve.ops._register import get_op
+        from graphserve.ops.fp8 import fp8_scaled_mm_cublas, fp8_supported
+
+        kernels: dict[str, str] = {}
+        if dispatch_key == "CUDA" and torch.version.hip is None and fp8_supported(torch.device("cuda")):
+            get_op("fp8_scaled_mm").impl(dispatch_key, fp8_scaled_mm_cublas)
+            kernels["fp8_scaled_mm"] = "cublas"
+        _cublas_kernels[dispatch_key] = kernels
+    return _cublas_kernels[dispatch_key]

@@ -1,6 +1,7 @@
-"""Quantized checkpoints: a registry of methods (AWQ, GPTQ, SqueezeLLM), read from the checkpoint or forced with
-`--quantization`; `base` holds the seam (`QuantizationConfig`, `LinearMethodBase`), `packing` the formats' bit
-layouts, `grouped` what AWQ and GPTQ share once loaded.
+"""Quantized checkpoints: a registry of methods (AWQ, GPTQ, SqueezeLLM, FP8, compressed-tensors FP8), read from the
+checkpoint or forced with `--quantization` (`fp8` also quantizes an unquantized checkpoint at load); `base` holds
+the seam (`QuantizationConfig`, `LinearMethodBase`), `packing` the formats' bit layouts, `grouped` what AWQ and GPTQ
+share once loaded.
 
 This module imports no torch: the engine's config resolution reads and validates the method before anything
 is built.
@@ -21,7 +22,11 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "awq": "graphserve.quantization.awq:AWQConfig",
     "gptq": "graphserve.quantization.gptq:GPTQConfig",
     "squeezellm": "graphserve.quantization.squeezellm:SqueezeLLMConfig",
+    "fp8": "graphserve.quantization.fp8:Fp8Config",
+    "compressed-tensors": "graphserve.quantization.fp8:CompressedTensorsConfig",
 }
+# Methods that quantize an unquantized checkpoint while loading it (`--quantization fp8` on a bf16 checkpoint).
+ONLINE_METHODS = {"fp8": {"quant_method": "fp8", "online": True, "activation_scheme": "dynamic"}}
 # Files beside config.json that older checkpoints keep their quantization config in, and what they imply.
 _CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 
@@ -77,6 +82,8 @@ def resolve_quantization(
     if config is None:
         if forced is None:
             return None, None
+        if forced.lower() in ONLINE_METHODS:
+            return forced.lower(), dict(ONLINE_METHODS[forced.lower()])
         if load_format != "dummy":
             raise ValueError(f"--quantization {forced} was given, but the checkpoint in {model_dir} has no "
                              "quantization config (config.json:quantization_config, quantize_config.json or "
