@@ -2,7 +2,7 @@
 # Speculative decoding on the GPU machine. Run from the repository root there: `OUT=<dir> bash perf/gpu_spec_decode_check.sh [part]`.
 #   tests:     the GPU tests of speculative decoding (Triton rejection sampler; tiny Llama with compile, decode and
 #              verify graphs and n-gram drafts) and of LoRA (ops; tiny Llama with adapters in every compile/graph/
-#              async mode);
+#              async mode); and FP8 W8A8 (cuBLASLt scaled GEMM at Llama-3-8B shapes, tiny Llama with graphs);
 #   cost:      verify-step cost for k = 1..5 forced drafts at batch 1 on the Llama-3-8B shape (dummy weights), one
 #              engine per k, against a plain decode step (PROFILE=1 adds a profile of the k = 5 run); then the
 #              same with a 1-layer draft model of the same shape proposing (k = 1, 3, 5);
@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}
 PART=${1:-tests cost}
 M="--model perf/configs/llama-3-8b --load-format dummy --dtype bfloat16"
 case " $PART " in *" tests "*)
-  timeout 330 python3 -m pytest -q -m gpu tests/gpu/test_gpu_spec_decode.py tests/gpu/test_gpu_lora.py \
+  timeout 330 python3 -m pytest -q -m gpu tests/gpu/test_gpu_spec_decode.py tests/gpu/test_gpu_lora.py tests/gpu/test_gpu_fp8.py \
     -p no:cacheprovider > "$OUT/spec_lora_gpu_tests.log" 2>&1
   tail -n 2 "$OUT/spec_lora_gpu_tests.log"; grep -E "^(FAILED|ERROR)|^E .*row" "$OUT/spec_lora_gpu_tests.log" | head -n 20;;
 esac

@@ -188,8 +188,8 @@ def test_engine_args_spellings_and_errors():
     assert (config.method, config.num_speculative_tokens, config.disable_by_batch_size) == ("ngram", 2, 8)
     with pytest.raises(ValueError, match="needs speculative_config"):
         EngineArgs(speculative_disable_by_batch_size=4).create_speculative_config()
-    with pytest.raises(ValueError, match="draft_model"):
-        EngineArgs(speculative_config={"model": "/x", "num_speculative_tokens": 2}).create_speculative_config()
+    draft = EngineArgs(speculative_config={"model": "/x", "num_speculative_tokens": 2}).create_speculative_config()
+    assert (draft.method, draft.model) == ("draft_model", "/x")  # the checkpoint is resolved with the engine config
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineArgs(speculative_config='{"method": "ngram", "num_speculative_tokens": 0}').create_speculative_config()
     with pytest.raises(ValueError, match="not valid JSON"):
