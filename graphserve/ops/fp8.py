@@ -64,13 +64,6 @@ def fp8_scaled_mm_cublas(
     out.copy_(result)
 
 
-def fp8_supported(device: torch.device) -> bool:
-    """Whether `device` has FP8 tensor cores (CUDA compute capability >= 8.9)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, input_scale: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:  # [..., N] in x's dtype
     """x @ W^T of an FP8 weight: x quantized per token (or with the static `input_scale`), then the scaled GEMM."""

@@ -119,6 +119,10 @@ class CudaPlatform(Platform):
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
+    def supports_fp8_gemm(self, device: torch.device) -> bool:
+        """FP8 tensor cores: compute capability 8.9 (Ada) and up."""
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+
     def register_device_kernels(self) -> dict[str, str]:
         return {**register_triton_kernels_once(self.dispatch_key), **register_cublas_kernels_once(self.dispatch_key)}
 

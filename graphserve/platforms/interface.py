@@ -91,6 +91,10 @@ class Platform(ABC):
         """Register this platform's kernels on its dispatch key once; returns {op name: "triton" | "csrc"}."""
         return {}
 
+    def supports_fp8_gemm(self, device: torch.device) -> bool:
+        """Whether FP8 (e4m3) GEMMs run on `device` at speed (tensor cores); the CPU runs the reference instead."""
+        return False
+
     def kernel_choices(self) -> dict[str, KernelChoice]:
         """Which implementation runs each `torch.ops.graphserve` op here, and whether it can be graph-captured.
 

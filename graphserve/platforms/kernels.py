@@ -96,10 +96,11 @@ def register_cublas_kernels_once(dispatch_key: str) -> dict[str, str]:
         import torch
 
         from graphserve.ops._register import get_op
-        from graphserve.ops.fp8 import fp8_scaled_mm_cublas, fp8_supported
+        from graphserve.ops.fp8 import fp8_scaled_mm_cublas
 
         kernels: dict[str, str] = {}
-        if dispatch_key == "CUDA" and torch.version.hip is None and fp8_supported(torch.device("cuda")):
+        fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+        if dispatch_key == "CUDA" and torch.version.hip is None and fp8:
             get_op("fp8_scaled_mm").impl(dispatch_key, fp8_scaled_mm_cublas)
             kernels["fp8_scaled_mm"] = "cublas"
         _cublas_kernels[dispatch_key] = kernels

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from graphserve.ops import fp8 as fp8_ops
+from graphserve.platforms import current_platform
 from graphserve.quantization.base import LinearMethodBase, QuantizationConfig, set_weight_attrs
 
 ACTIVATION_SCHEMES = ("dynamic", "static")
@@ -112,9 +113,9 @@ class Fp8LinearMethod(LinearMethodBase):
         """Quantize a dense weight per output channel (online), or keep the checkpoint's; one static input scale
         (the largest shard's); check that the device can run FP8."""
         device = layer.weight.device
-        if device.type == "cuda" and (torch.version.hip is not None or not fp8_ops.fp8_supported(device)):
-            raise ValueError(f"{self.prefix}: FP8 weights need a CUDA GPU with compute capability >= 8.9 (FP8 tensor "
-                             "cores); use a bf16 checkpoint without --quantization fp8 here")
+        if device.type != "cpu" and not current_platform().supports_fp8_gemm(device):
+            raise ValueError(f"{self.prefix}: FP8 weights need FP8 tensor cores (NVIDIA compute capability >= 8.9; "
+                             "ROCm not supported yet); serve a bf16 checkpoint without --quantization fp8 here")
         frozen = {"requires_grad": False}
         if not self.config.is_checkpoint_fp8_serialized:
             weight = layer.weight.data
