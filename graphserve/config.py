@@ -49,6 +49,9 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = None  # the checkpoint's config of that method, validated
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache geometry and memory budget."""
@@ -58,8 +61,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # resolved by the worker after sizing
     enable_prefix_caching: bool = True  # share full KV blocks between requests by content hash
+    cache_dtype: str = "auto"  # auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -69,6 +69,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto | fp8 | fp8_e4m3 | fp8_e5m2
     chat_template: str | None = None
     enforce_eager: bool = False  # no torch.compile, no CUDA/HIP graphs
     compile: bool | None = None  # torch.compile the forward; None = the platform's default (GPU yes, CPU no)
@@ -132,6 +133,7 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_blocks=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
+            cache_dtype=self.kv_cache_dtype,
         )
         from graphserve.attention.backends.registry import validate_backend_name
         from graphserve.platforms import resolve_platform
@@ -211,6 +213,9 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
         g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
                        help="KV cache budget, e.g. 4GiB (default: a fraction of device memory)")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                       help="KV cache element type: auto = the model dtype; fp8 (= fp8_e4m3, with the checkpoint's "
+                            "k_scale / v_scale or 1.0) holds twice the tokens")
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                        help="fraction of GPU memory for weights, activations and KV cache")
         g.add_argument("--num-gpu-blocks-override", type=int, default=d.num_gpu_blocks_override,

@@ -38,6 +38,25 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.set_backend(get_attn_backend(_DEFAULT_BACKEND))
         self.layer_id = attention_ops.register_attention_layer(self)
+        # FP8 KV cache scales (k_scale, v_scale: fp32, per layer), from the checkpoint or 1.0 (`set_kv_scale`).
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.kv_scales_loaded: set[str] = set()
+
+    def init_buffers(self) -> None:
+        """Scales of 1.0 until the checkpoint provides others (the model is built on the meta device, so its
+        buffers are materialized uninitialized)."""
+        self.k_scale.fill_(1.0)
+        self.v_scale.fill_(1.0)
+        self.kv_scales_loaded.clear()
+
+    def set_kv_scale(self, which: str, value: float) -> None:
+        """Set "k" or "v" (or "kv": both) from a checkpoint's scalar; ValueError unless finite and positive."""
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"KV cache scale {which}_scale must be a finite positive number, got {value}")
+        for name in ("k", "v") if which == "kv" else (which,):
+            getattr(self, f"{name}_scale").fill_(value)
+            self.kv_scales_loaded.add(name)
 
     def set_backend(self, attn_backend: type[AttentionBackend]) -> None:
         """Run this layer through `attn_backend` (its KV cache must be in that backend's shape)."""
@@ -76,6 +95,7 @@ class Attention(nn.Module):
                                    "needs one")
             kv_cache = ctx.kv_caches[self.layer_idx]
         num_tokens = query.shape[0]
+        fp8 = kv_cache is not None and kv_cache.dtype.itemsize == 1
         self.impl.forward(
             query.view(num_tokens, self.num_heads, self.head_size),
             key.view(num_tokens, self.num_kv_heads, self.head_size),
@@ -83,6 +103,8 @@ class Attention(nn.Module):
             kv_cache,
             attn_metadata,
             out.view(num_tokens, self.num_heads, self.head_size),
+            k_scale=self.k_scale if fp8 else None,
+            v_scale=self.v_scale if fp8 else None,
         )
 
     def extra_repr(self) -> str:

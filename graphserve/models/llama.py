@@ -21,7 +21,7 @@ from graphserve.layers.logits_processor import LogitsProcessor
 from graphserve.layers.rotary_embedding import get_rope, get_rope_parameters
 from graphserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from graphserve.models.config_loader import get_head_dim, get_layer_sliding_window
-from graphserve.models.weight_utils import default_weight_loader
+from graphserve.models.weight_utils import default_weight_loader, kv_scale_target
 from graphserve.quantization import get_quant_config
 from graphserve.quantization.base import QuantizationConfig
 
@@ -202,6 +202,13 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue  # the head is the embedding; some checkpoints still store a copy
+            kv_scale = kv_scale_target(name)
+            if kv_scale is not None:  # an FP8 KV cache scale: a buffer of the layer's attention, optional
+                if tensor.numel() != 1:
+                    raise ValueError(f"Checkpoint tensor {name!r}: a KV cache scale must be one number, got shape "
+                                     f"{list(tensor.shape)}")
+                self.get_submodule(kv_scale[0]).attn.set_kv_scale(kv_scale[1], float(tensor.reshape(())))
+                continue
             param_name, shard_id = self._map_weight_name(name)
             if param_name not in params:
                 raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")

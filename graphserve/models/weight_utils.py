@@ -93,3 +93,22 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3
             param.data.copy_(noise.uniform_(low, high, generator=gen))
         elif param.dtype == torch.int32:
             param.data.random_(-(1 << 31), (1 << 31) - 1, generator=gen)
+
+
+# Checkpoint names of FP8 KV cache scales (formats.md §4.2), by suffix: -> (suffix to strip, which scale).
+_KV_SCALE_SUFFIXES = (
+    (".self_attn.attn.k_scale", ".attn.k_scale", "k"), (".self_attn.attn.v_scale", ".attn.v_scale", "v"),
+    (".self_attn.k_proj.output_scale", ".k_proj.output_scale", "k"),
+    (".self_attn.v_proj.output_scale", ".v_proj.output_scale", "v"),
+    (".self_attn.k_proj.k_scale", ".k_proj.k_scale", "k"), (".self_attn.v_proj.v_scale", ".v_proj.v_scale", "v"),
+    (".self_attn.k_scale", ".k_scale", "k"), (".self_attn.v_scale", ".v_scale", "v"),
+    (".self_attn.kv_scale", ".kv_scale", "kv"),  # AutoFP8's single scale: both
+)
+
+
+def kv_scale_target(name: str) -> tuple[str, str] | None:
+    """(the self_attn module path, "k" | "v" | "kv") when `name` is a KV cache scale, else None."""
+    for suffix, strip, which in _KV_SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(strip)], which
+    return None

@@ -9,6 +9,11 @@ can split the graph at this op (piecewise graphs).
 Paged KV cache layout of the paged ops (flash/NHD): key_cache and value_cache are each
 [num_blocks, block_size, num_kv_heads, head_dim]. Token slot `s` lives at block `s // block_size`, offset
 `s % block_size`; slot < 0 means "do not write".
+
+FP8 KV cache (`--kv-cache-dtype fp8`): the caches are float8_e4m3fn (or e5m2) and both ops take the layer's
+`k_scale` / `v_scale` (one fp32 number each, on the device): the write stores fp8(clamp(k / k_scale, ±max)), the
+attention reads float(cache) * k_scale (formats.md §4.2). Without scales (None) the caches are in the model dtype
+or scaled by 1.0.
 """
 from __future__ import annotations
 
@@ -57,14 +62,30 @@ def _unified_attention_ref(
     _LAYERS[layer_id].forward_attention(out, query, key, value)
 
 
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """What the cache stores for x: x / scale saturated into an fp8 cache's range, or x cast to the cache dtype."""
+    if not cache_dtype.is_floating_point or cache_dtype.itemsize != 1:
+        return x.to(cache_dtype)
+    limit = torch.finfo(cache_dtype).max
+    x = x.float() if scale is None else x.float() / scale.float()
+    return x.clamp(-limit, limit).to(cache_dtype)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 values a cache slice stands for."""
+    return x.float() if scale is None else x.float() * scale.float()
+
+
 def _reshape_and_cache_ref(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
+    k_scale: torch.Tensor | None = None,  # [1] fp32 (FP8 caches)
+    v_scale: torch.Tensor | None = None,  # [1] fp32
 ) -> None:
-    """Scatter each token's K/V into its cache slot; tokens with a negative slot are skipped."""
+    """Scatter each token's K/V into its cache slot (quantized for an FP8 cache); negative slots are skipped."""
     if key.shape[0] != slot_mapping.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
     block_size = key_cache.shape[1]
@@ -72,8 +93,8 @@ def _reshape_and_cache_ref(
     slots = slot_mapping[valid].long()
     # Indexing by (block, offset) instead of flattening the cache keeps this correct for strided caches.
     index = (slots // block_size, slots % block_size)
-    key_cache.index_put_(index, key[valid].to(key_cache.dtype))
-    value_cache.index_put_(index, value[valid].to(value_cache.dtype))
+    key_cache.index_put_(index, to_cache(key[valid], key_cache.dtype, k_scale))
+    value_cache.index_put_(index, to_cache(value[valid], value_cache.dtype, v_scale))
 
 
 def _attend_one_sequence(
@@ -113,6 +134,8 @@ def _decode_attention(
     seq_lens: torch.Tensor,  # [num_decodes] int64
     scale: float,
     sliding_window: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim] float32
     """Single-token queries of many sequences at once: one gather of their padded contexts, one masked softmax.
 
@@ -127,8 +150,8 @@ def _decode_attention(
     # Table entries past a sequence's own blocks are padding (any value): read block 0 there instead, masked below.
     owned = torch.arange(num_blocks, device=query.device).unsqueeze(0) < (-(-seq_lens // block_size)).unsqueeze(1)
     blocks = torch.where(owned, blocks, torch.zeros_like(blocks))
-    k = key_cache[blocks].flatten(1, 2)[:, :max_len].float()  # [num_decodes, max_len, num_kv_heads, head_dim]
-    v = value_cache[blocks].flatten(1, 2)[:, :max_len].float()
+    k = from_cache(key_cache[blocks].flatten(1, 2)[:, :max_len], k_scale)  # [num_decodes, max_len, kv_heads, d]
+    v = from_cache(value_cache[blocks].flatten(1, 2)[:, :max_len], v_scale)
     q = query.float().view(num_decodes, num_kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,bskd->bkgs", q, k).mul_(scale)
     pos = torch.arange(max_len, device=query.device)
@@ -152,8 +175,10 @@ def _paged_attention_ref(
     sliding_window: int,
     max_query_len: int,
     max_seq_len: int,
+    k_scale: torch.Tensor | None = None,  # [1] fp32 (FP8 caches)
+    v_scale: torch.Tensor | None = None,  # [1] fp32
 ) -> None:
-    """Attention of every sequence's new tokens over its cached context.
+    """Attention of every sequence's new tokens over its cached context (read back through the FP8 scales).
 
     Sequences with one new token (decodes) are attended together in one batched pass; each longer chunk
     (prefill) gets one gather and one matmul of its own. `max_query_len` and `max_seq_len` size the grids of
@@ -167,7 +192,7 @@ def _paged_attention_ref(
         rows = torch.tensor([starts[b] for b in decodes], device=query.device)
         index = torch.tensor(decodes, device=query.device)
         attn = _decode_attention(query[rows], key_cache, value_cache, block_table[index],
-                                 seq_lens[index].long(), scale, sliding_window)
+                                 seq_lens[index].long(), scale, sliding_window, k_scale, v_scale)
         out[rows] = attn.to(out.dtype)
     for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
@@ -175,8 +200,8 @@ def _paged_attention_ref(
             continue  # nothing to attend, or a decode (done above)
         num_blocks = -(-seq_len // block_size)
         blocks = block_table[b, :num_blocks].long()
-        k = key_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
-        v = value_cache[blocks].flatten(0, 1)[:seq_len]
+        k = from_cache(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)  # [seq_len, num_kv_heads, head_dim]
+        v = from_cache(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
         attn = _attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window)
         out[q_start:q_end] = attn.to(out.dtype)
     out[starts[-1] :].zero_()
@@ -211,9 +236,11 @@ def reshape_and_cache(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
+    k_scale: torch.Tensor | None = None,  # [1] fp32: FP8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write new K/V into the paged cache (slot < 0 skipped)."""
-    torch.ops.graphserve.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    torch.ops.graphserve.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(
@@ -228,9 +255,11 @@ def paged_attention(
     sliding_window: int,
     max_query_len: int,
     max_seq_len: int,
+    k_scale: torch.Tensor | None = None,  # [1] fp32: FP8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Causal GQA attention over the paged cache for a mixed batch, written into `out` (sliding_window 0 = none)."""
     torch.ops.graphserve.paged_attention(
         out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-        scale, sliding_window, max_query_len, max_seq_len,
+        scale, sliding_window, max_query_len, max_seq_len, k_scale, v_scale,
     )

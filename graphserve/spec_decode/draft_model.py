@@ -32,7 +32,7 @@ from graphserve.compile.wrapper import create_forward_fn
 from graphserve.config import CompilationLevel
 from graphserve.layers.attention import bind_attention_backend
 from graphserve.models.loader import get_model
-from graphserve.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from graphserve.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block, kv_cache_torch_dtype
 from graphserve.worker.memory_profiler import dummy_forward
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class DraftModelProposer:
         self.max_num_tokens = max_num_tokens
         self.attn_backend = attn_backend
         attn_backend.validate(draft_config.head_dim, self.dtype)
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.cache_dtype, self.dtype)  # scales 1.0
         self.model = get_model(draft_config, device)
         bind_attention_backend(self.model, attn_backend)
         max_num_reqs = config.scheduler_config.max_num_seqs
@@ -79,7 +80,7 @@ class DraftModelProposer:
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block of the draft's pool occupies (the target's pool has as many blocks)."""
-        return kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.attn_backend)
+        return kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_cache_dtype, self.attn_backend)
 
     def profile_run(self) -> None:
         """The draft's largest forward (memory profiling): a catch-up batch of max_num_tokens tokens."""
@@ -87,8 +88,8 @@ class DraftModelProposer:
 
     def initialize(self, num_blocks: int) -> None:
         """Allocate the draft's KV pool (as many blocks as the target's), compile, capture its decode graphs."""
-        self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, self.block_size, self.dtype, self.device,
-                                            self.attn_backend)
+        self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, self.block_size, self.kv_cache_dtype,
+                                            self.device, self.attn_backend)
         if self.graph_runner is not None:
             self.graph_runner.capture(self._graph_step)
         elif self.compiled:

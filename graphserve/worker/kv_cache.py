@@ -9,6 +9,13 @@ from graphserve.attention.backends.base import AttentionBackend
 from graphserve.config import CacheConfig, ModelConfig, SchedulerConfig
 
 
+def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element type of the KV pool: the model dtype ("auto") or an FP8 type ("fp8" means e4m3)."""
+    if cache_dtype == "auto":
+        return model_dtype
+    return {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[cache_dtype]
+
+
 def kv_cache_bytes_per_block(
     model_config: ModelConfig, block_size: int, dtype: torch.dtype, attn_backend: type[AttentionBackend]
 ) -> int:

@@ -22,7 +22,12 @@ from graphserve.spec_decode.draft_model import DraftModelProposer
 from graphserve.spec_decode.proposer import create_proposer
 from graphserve.worker.async_output import AsyncModelRunnerOutput
 from graphserve.worker.input_batch import BatchInputs, CachedRequestState, InputBatch, uniform_layout
-from graphserve.worker.kv_cache import allocate_kv_caches, determine_num_blocks, kv_cache_bytes_per_block
+from graphserve.worker.kv_cache import (
+    allocate_kv_caches,
+    determine_num_blocks,
+    kv_cache_bytes_per_block,
+    kv_cache_torch_dtype,
+)
 from graphserve.worker.memory_profiler import (
     dummy_forward,
     dummy_sampler_run,
@@ -31,6 +36,20 @@ from graphserve.worker.memory_profiler import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def log_kv_cache_scales(model: torch.nn.Module, cache_dtype: str) -> None:
+    """Say which FP8 KV cache scales the checkpoint provided; warn when e4m3 runs on the default 1.0."""
+    from graphserve.layers.attention import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    loaded = sum(1 for m in layers if m.kv_scales_loaded == {"k", "v"})
+    logger.info("FP8 KV cache (%s): k/v scales from the checkpoint for %d of %d layers", cache_dtype, loaded,
+                len(layers))
+    if loaded < len(layers) and cache_dtype != "fp8_e5m2":
+        logger.warning("Using KV cache scaling factor 1.0 for fp8_e4m3 in %d layers without checkpoint scales; "
+                       "this may cause accuracy issues (calibrated k_scale / v_scale are recommended)",
+                       len(layers) - loaded)
 
 
 class ModelRunner:
@@ -63,8 +82,13 @@ class ModelRunner:
         self.kernel_choices = self.platform.kernel_choices()
         self.attn_backend = select_attn_backend(self.platform, config.device_config.attention_backend)
         self.attn_backend.validate(self.model_config.head_dim, self.dtype)
+        # The KV pool's element type: the model dtype, or FP8 (half the bytes per token, scales per layer).
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.cache_dtype, self.dtype)
+        self.attn_backend.validate_kv_cache_dtype(self.kv_cache_dtype, self.dtype)
         self.model = get_model(self.model_config, self.device)
         bind_attention_backend(self.model, self.attn_backend)
+        if self.kv_cache_dtype != self.dtype:
+            log_kv_cache_scales(self.model, config.cache_config.cache_dtype)
         # A decode step holds up to max_num_seqs tokens, a mixed step up to max_num_batched_tokens.
         max_tokens = max(self.max_num_tokens, sched.max_num_seqs)
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(
@@ -97,13 +121,14 @@ class ModelRunner:
     def initialize_kv_cache(self) -> int:
         """Size and allocate the KV pool from the memory budget; returns the number of blocks."""
         cc = self.config.cache_config
-        block_bytes = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.attn_backend)
+        block_bytes = kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_cache_dtype,
+                                               self.attn_backend)
         if self.draft is not None:  # the draft's pool has as many blocks
             block_bytes += self.draft.kv_cache_bytes_per_block()
         self.num_blocks = determine_num_blocks(
             self.model_config, cc, self.config.scheduler_config, block_bytes, self._kv_cache_budget()
         )
-        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.dtype,
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_blocks, self.block_size, self.kv_cache_dtype,
                                             self.device, self.attn_backend)
         logger.info("KV cache: %d blocks of %d tokens (%s attention)", self.num_blocks, self.block_size,
                     self.attn_backend.name)

@@ -119,6 +119,8 @@ class AttentionImpl(ABC):
         kv_cache: torch.Tensor | None,  # this layer's cache, in the backend's get_kv_cache_shape
         attn_metadata: AttentionMetadata | None,
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        k_scale: torch.Tensor | None = None,  # [1] fp32: an FP8 cache's scales
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         """Write attention output into `output`; without metadata, plain causal attention over the tokens."""
 
@@ -130,6 +132,7 @@ class AttentionBackend(ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None  # None = any
     supports_cuda_graphs: ClassVar[bool] = False
+    supports_fp8_kv_cache: ClassVar[bool] = False
     # The ops its impl calls: decode graphs need every one of them graph-safe on the platform.
     ops: ClassVar[tuple[str, ...]] = ()
 
@@ -157,6 +160,13 @@ class AttentionBackend(ABC):
             raise ValueError(
                 f"attention backend {cls.name} supports head sizes {cls.supported_head_sizes}, got {head_size}"
             )
+
+    @classmethod
+    def validate_kv_cache_dtype(cls, kv_cache_dtype: torch.dtype, model_dtype: torch.dtype) -> None:
+        """ValueError if this backend cannot keep its KV cache in `kv_cache_dtype`."""
+        if kv_cache_dtype != model_dtype and not cls.supports_fp8_kv_cache:
+            raise ValueError(f"attention backend {cls.name} does not support an FP8 KV cache; use PAGED_ATTN or "
+                             "--kv-cache-dtype auto")
 
     @classmethod
     def graph_blockers(cls, kernel_choices: dict[str, KernelChoice]) -> list[str]:

@@ -1,7 +1,8 @@
 """PAGED_ATTN: graphserve's own paged attention ops, the default backend on every platform.
 
 KV layout (flash / NHD): one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_size], keys then
-values. The impl writes new K/V with `torch.ops.graphserve.reshape_and_cache` and attends with
+values, in the model dtype or FP8 (`--kv-cache-dtype fp8`: written and read through the layer's k/v scales).
+The impl writes new K/V with `torch.ops.graphserve.reshape_and_cache` and attends with
 `torch.ops.graphserve.paged_attention` (mixed prefill / decode batches in one call). The platform decides what
 runs behind those ops: the torch reference on the CPU (the test oracle of every other kernel and backend),
 Triton kernels on CUDA/ROCm, which are graph-safe, so decode steps replay from CUDA/HIP graphs.
@@ -136,6 +137,8 @@ class PagedAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor | None,  # [2, num_blocks, block_size, num_kv_heads, head_size]
         attn_metadata: AttentionMetadata | None,
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        k_scale: torch.Tensor | None = None,  # [1] fp32: an FP8 cache's scales
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
         if attn_metadata is None or kv_cache is None:
@@ -143,10 +146,10 @@ class PagedAttentionImpl(AttentionImpl):
             return
         key_cache, value_cache = kv_cache.unbind(0)
         md = attn_metadata
-        attention_ops.reshape_and_cache(key, value, key_cache, value_cache, md.slot_mapping)
+        attention_ops.reshape_and_cache(key, value, key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
         attention_ops.paged_attention(
             output, query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc,
-            self.scale, self.sliding_window or 0, md.max_query_len, md.max_seq_len,
+            self.scale, self.sliding_window or 0, md.max_query_len, md.max_seq_len, k_scale, v_scale,
         )
 
 
@@ -155,6 +158,7 @@ class PagedAttentionBackend(AttentionBackend):
 
     name = "PAGED_ATTN"
     supports_cuda_graphs = True
+    supports_fp8_kv_cache = True
     ops = ("reshape_and_cache", "paged_attention")
 
     @staticmethod

@@ -70,6 +70,8 @@ class SDPAImpl(AttentionImpl):
         kv_cache: torch.Tensor | None,  # [2, num_blocks, num_kv_heads, block_size, head_size]
         attn_metadata: SDPAMetadata | None,
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        k_scale: torch.Tensor | None = None,  # FP8 caches are not supported here (validated at start-up)
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
         if attn_metadata is None or kv_cache is None:

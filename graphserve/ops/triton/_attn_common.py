@@ -102,8 +102,12 @@ def load_kv_tile(
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
+    q_like,  # a tensor in the compute dtype: an FP8 tile is dequantized into it
+    k_scale, v_scale,  # fp32 scalars (FP8 caches)
+    KV_FP8: tl.constexpr,
 ):
-    """Gather one tile of K and V ([BLOCK_N, HEAD_DIM_P2] each) through the block table."""
+    """Gather one tile of K and V ([BLOCK_N, HEAD_DIM_P2] each) through the block table (an FP8 cache's tile comes
+    back as float(cache) * scale in the query's dtype)."""
     page = tl.load(block_table_row_ptr + (offs_n // BLOCK_SIZE) * stride_btc, mask=n_mask, other=0)
     # int64: page * stride overflows int32 on caches of more than 2^31 elements.
     page = page.to(tl.int64)
@@ -119,10 +123,24 @@ def load_kv_tile(
               + kv_head * stride_vh + offs_d[None, :] * stride_vd)
     k = tl.load(k_ptrs, mask=mask, other=0.0)
     v = tl.load(v_ptrs, mask=mask, other=0.0)
-    if UPCAST:
+    if KV_FP8:
+        k = (k.to(tl.float32) * k_scale).to(q_like.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q_like.dtype)
+    elif UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return k, v
+
+
+def kv_scale_args(key_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                  query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k_scale, v_scale, KV_FP8) kernel arguments: the layer's scales for a 1-byte cache, dummies otherwise."""
+    fp8 = key_cache.dtype.itemsize == 1
+    if not fp8:
+        return query, query, False
+    if k_scale is None or v_scale is None:
+        raise ValueError("an FP8 KV cache needs k_scale and v_scale")
+    return k_scale, v_scale, True
 
 
 @triton.jit

@@ -15,6 +15,7 @@ from graphserve.ops.triton._attn_common import (
     LOG2E,
     dot_precision,
     is_interpreter,
+    kv_scale_args,
     load_kv_tile,
     online_softmax_step,
     upcast_inputs,
@@ -30,6 +31,7 @@ def _paged_prefill_kernel(
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
+    k_scale_ptr, v_scale_ptr,  # [1] fp32 (FP8 caches)
     scale_log2, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -39,7 +41,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Flash attention of BLOCK_Q query tokens (all heads of one KV head) of one sequence over its context."""
     # Heaviest (last, longest-context) query blocks first: causal work grows with the block index.
@@ -79,12 +81,17 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_btr
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     for n0 in range(lo, full_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k, v = load_kv_tile(
             key_cache_ptr, value_cache_ptr, bt_row, stride_btc, offs_n, offs_n < full_hi, offs_d, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, 0, m_i, l_i, acc, scale_log2, False, DOT_PRECISION)
     for n0 in range(full_hi, hi, BLOCK_N):
@@ -93,7 +100,7 @@ def _paged_prefill_kernel(
         k, v = load_kv_tile(
             key_cache_ptr, value_cache_ptr, bt_row, stride_btc, offs_n, n_mask, offs_d, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -137,6 +144,8 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int,
     max_query_len: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -159,14 +168,15 @@ def paged_prefill_attention(
     block_q = block_m // group
     if num_seqs > 0 and max_query_len > 0:
         grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+        k_scale, v_scale, kv_fp8 = kv_scale_args(key_cache, k_scale, v_scale, query)
         _paged_prefill_kernel[grid](
-            out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+            out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale,
             scale * LOG2E, sliding_window,
             *query.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
             GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
             BLOCK_SIZE=block_size, BLOCK_N=block_n or d_block_n,
-            USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(key_cache.dtype),
-            DOT_PRECISION=dot_precision(key_cache.dtype),
+            USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(query.dtype),
+            DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8,
             num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         )
     zero_padded_rows(out, query_start_loc)
