@@ -96,7 +96,7 @@ class Fp8LinearMethod(LinearMethodBase):
                                  f"for {rows.numel()} output rows")
 
         scale = nn.Parameter(torch.empty(n, dtype=torch.float32), requires_grad=False)
-        set_weight_attrs(scale, {"weight_loader": load_weight_scale, "fp8_shards": len(output_sizes)})
+        set_weight_attrs(scale, {"weight_loader": load_weight_scale})
         layer.register_parameter("weight_scale", scale)
         if self.config.activation_scheme == "static":
 
@@ -160,8 +160,17 @@ class CompressedTensorsConfig(Fp8Config):
             if weights.get("strategy", "tensor") not in ("tensor", "channel"):
                 raise ValueError(f"quantization config: compressed-tensors weight strategy "
                                  f"{weights.get('strategy')!r} is not supported (tensor or channel)")
-            activations = group.get("input_activations") or {}
-            schemes.add("dynamic" if activations.get("dynamic", True) else "static")
+            activations = group.get("input_activations")
+            if not activations:
+                raise ValueError(f"quantization config: compressed-tensors group {name!r} has FP8 weights without "
+                                 "input_activations (weight-only FP8) and is not supported; W8A8 is")
+            dynamic = bool(activations.get("dynamic", True))
+            strategy = activations.get("strategy", "token" if dynamic else "tensor")
+            if (dynamic, strategy) not in ((True, "token"), (False, "tensor")):
+                kind = "dynamic" if dynamic else "static"
+                raise ValueError(f"quantization config: compressed-tensors activations {kind} per {strategy} are "
+                                 "not supported (dynamic per token or static per tensor)")
+            schemes.add("dynamic" if dynamic else "static")
         if len(schemes) != 1:
             raise ValueError("quantization config: compressed-tensors groups mix dynamic and static activations")
         return cls(True, schemes.pop(), config.get("ignore"))

@@ -122,6 +122,16 @@ def test_fp8_config_errors(tiny_model, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not FP8 W8A8"):
         EngineArgs(model=str(tmp_path / "block")).create_engine_config()
+    weight_only = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+    config["quantization_config"]["config_groups"] = {"g": weight_only}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weight-only FP8"):
+        EngineArgs(model=str(tmp_path / "block")).create_engine_config()
+    config["quantization_config"]["config_groups"] = {"g": {**weight_only, "input_activations": {
+        "num_bits": 8, "type": "float", "dynamic": True, "strategy": "tensor"}}}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="dynamic per tensor are not supported"):
+        EngineArgs(model=str(tmp_path / "block")).create_engine_config()
     with pytest.raises(ValueError, match="quantized with compressed-tensors"):
         EngineArgs(model=str(tmp_path / "block"), quantization="fp8").create_engine_config()
 
