@@ -124,7 +124,9 @@ class CudaPlatform(Platform):
         return torch.cuda.get_device_capability(device) >= (8, 9)
 
     def register_device_kernels(self) -> dict[str, str]:
-        return {**register_triton_kernels_once(self.dispatch_key), **register_cublas_kernels_once(self.dispatch_key)}
+        fp8 = self.supports_fp8_gemm(torch.device("cuda", torch.cuda.current_device()))
+        return {**register_triton_kernels_once(self.dispatch_key),
+                **register_cublas_kernels_once(self.dispatch_key, fp8_gemm=fp8)}
 
     def empty_cache(self, device: torch.device) -> None:
         torch.cuda.empty_cache()

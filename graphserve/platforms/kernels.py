@@ -89,18 +89,16 @@ def triton_unavailable_reason(dispatch_key: str) -> str | None:
 _cublas_kernels: dict[str, dict[str, str]] = {}
 
 
-def register_cublas_kernels_once(dispatch_key: str) -> dict[str, str]:
+def register_cublas_kernels_once(dispatch_key: str, fp8_gemm: bool) -> dict[str, str]:
     """Register the ops served by torch's own CUDA libraries on `dispatch_key` once: the FP8 scaled GEMM through
-    cuBLASLt (`torch._scaled_mm`) when the GPU has FP8 tensor cores. {} elsewhere (the reference runs)."""
+    cuBLASLt (`torch._scaled_mm`) when the platform says the GPU has FP8 tensor cores (`fp8_gemm`). {} elsewhere
+    (the reference runs)."""
     if dispatch_key not in _cublas_kernels:
-        import torch
-
         from graphserve.ops._register import get_op
         from graphserve.ops.fp8 import fp8_scaled_mm_cublas
 
         kernels: dict[str, str] = {}
-        fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-        if dispatch_key == "CUDA" and torch.version.hip is None and fp8:
+        if fp8_gemm:
             get_op("fp8_scaled_mm").impl(dispatch_key, fp8_scaled_mm_cublas)
             kernels["fp8_scaled_mm"] = "cublas"
         _cublas_kernels[dispatch_key] = kernels

@@ -12,6 +12,7 @@ from gpu_testutils import (
     greedy,
     rel_err,
     release_device_memory,
+    tokens_of_fresh_engine,
 )
 
 from graphserve import LLM
@@ -27,7 +28,7 @@ def fp8_gpu(cuda_kernels):
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
-    assert register_cublas_kernels_once("CUDA") == {"fp8_scaled_mm": "cublas"}
+    assert register_cublas_kernels_once("CUDA", fp8_gemm=True) == {"fp8_scaled_mm": "cublas"}
 
 
 @pytest.mark.parametrize("name,n,k", SHAPES, ids=[s[0] for s in SHAPES])
@@ -115,11 +116,8 @@ def test_tiny_llama_fp8_kv_cache_with_graphs(cuda_kernels, tiny_model):
     """--kv-cache-dtype fp8 under compile + decode graphs gives the eager run's tokens, nothing recompiled."""
     path, _ = tiny_model("llama")
     prompts = [[5, 6, 7], list(range(10, 50)), list(range(100, 117))]
-    eager = LLM(path, dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
-    expected = [o.outputs[0].token_ids for o in eager.generate(prompt_token_ids=prompts, sampling_params=greedy(16),
-                                                               use_tqdm=False)]
-    del eager
-    release_device_memory()
+    expected = tokens_of_fresh_engine(path, prompts, greedy(16), dtype="bfloat16", kv_cache_dtype="fp8",
+                                      enforce_eager=True)
     with counting_compiles() as startup:
         llm = LLM(path, dtype="bfloat16", kv_cache_dtype="fp8", cuda_graph_sizes=[1, 2, 4], max_num_seqs=4)
     with counting_compiles() as serving:
