@@ -56,6 +56,16 @@ def generate(llm: LLM, prompts: list[list[int]], params) -> list:
     return llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
+def tokens_of_fresh_engine(path: str, prompts: list[list[int]], params, **engine_kwargs: Any) -> list[list[int]]:
+    """Greedy reference tokens from an engine built for this one run and freed afterwards (the GPU holds one
+    engine at a time in these tests)."""
+    llm = LLM(path, **engine_kwargs)
+    tokens = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, params)]
+    del llm
+    release_device_memory()
+    return tokens
+
+
 @dataclass
 class EngineRun:
     """What one engine did: counters at start-up and while serving, the outputs of each workload, and the engine

@@ -4,7 +4,7 @@ decoding, verify steps replayed from their own graphs (1 + k query rows per requ
 from __future__ import annotations
 
 import torch
-from gpu_testutils import counting_compiles, release_device_memory
+from gpu_testutils import counting_compiles, release_device_memory, tokens_of_fresh_engine
 
 from graphserve import LLM, SamplingParams
 from graphserve.ops._register import get_op
@@ -43,11 +43,8 @@ def test_tiny_llama_ngram_with_graphs_matches_plain(needs_cuda, tiny_model):
         span = torch.randint(4, 500, (6,), generator=g).tolist()
         prompts.append(span * 3 + span[:2])
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    plain = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8)
-    expected = [o.outputs[0].token_ids for o in plain.generate(prompt_token_ids=prompts, sampling_params=params,
-                                                               use_tqdm=False)]
-    del plain
-    release_device_memory()
+    expected = tokens_of_fresh_engine(path, prompts, params, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8],
+                                      max_num_seqs=8)
     llm = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8, speculative_config=NGRAM)
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=params, use_tqdm=False)  # warm-up
     with counting_compiles() as serving:
@@ -72,11 +69,8 @@ def test_tiny_llama_draft_model_with_graphs(needs_cuda, tiny_model):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 500, (int(n),), generator=g).tolist() for n in torch.randint(3, 60, (6,), generator=g)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    plain = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8)
-    expected = [o.outputs[0].token_ids for o in plain.generate(prompt_token_ids=prompts, sampling_params=params,
-                                                               use_tqdm=False)]
-    del plain
-    release_device_memory()
+    expected = tokens_of_fresh_engine(path, prompts, params, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8],
+                                      max_num_seqs=8)
     llm = LLM(path, dtype="float32", cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8,
               speculative_config={"model": path, "num_speculative_tokens": 4})
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=params, use_tqdm=False)  # warm-up

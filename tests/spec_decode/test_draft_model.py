@@ -17,21 +17,6 @@ def _draft(path: str, k: int = 3, **extra) -> dict:
     return {"model": path, "num_speculative_tokens": k, **extra}
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model):
-    return tiny_model("llama")[0]
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tiny_model):
-    return tiny_model("qwen2")[0]
-
-
-@pytest.fixture(scope="module")
-def plain(llama_dir):
-    return LLM(llama_dir, dtype="float32")
-
-
 def _random_prompts(n: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 500, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()

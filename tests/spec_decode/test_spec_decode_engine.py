@@ -43,16 +43,6 @@ def _assert_verified(llm, before=(0, 0, 0)):
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_model):
-    return tiny_model("llama")[0]
-
-
-@pytest.fixture(scope="module")
-def plain(llama_dir):
-    return LLM(llama_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def spec(llama_dir):
     return LLM(llama_dir, dtype="float32", speculative_config=NGRAM)
 

@@ -25,16 +25,6 @@ def _with_rerun_graphs(llm: LLM, sizes=(1, 2, 4, 8)) -> CUDAGraphRunner:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_model):
-    return tiny_model("llama")[0]
-
-
-@pytest.fixture(scope="module")
-def plain(llama_dir):
-    return LLM(llama_dir, dtype="float32", max_num_seqs=8)
-
-
-@pytest.fixture(scope="module")
 def spec_graphed(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_num_seqs=8, speculative_config=NGRAM)
     graph_runner = _with_rerun_graphs(llm)
