@@ -103,7 +103,7 @@ class EngineArgs:
 
         try:
             draft = create_model_config(config.model, dtype=target.dtype, max_model_len=target.max_model_len,
-                                        load_format=self.load_format, seed=self.seed)
+                                        load_format=self.load_format, seed=self.seed, device=self.device)
         except (OSError, ValueError) as e:
             raise ValueError(f"speculative_config.model {config.model!r}: {e}") from None
         check_draft_model(target, draft)
@@ -121,6 +121,7 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             quantization=self.quantization,
+            device=self.device,
         )
         max_len = model_config.max_model_len
         max_batched = self.max_num_batched_tokens

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from graphserve.layers.vocab_parallel_embedding import ParallelLMHead
@@ -22,7 +21,7 @@ class LogitsProcessor(nn.Module):
     def forward(self, lm_head: ParallelLMHead, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [num_tokens, hidden_size]
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32 logits."""
-        logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)
+        logits = lm_head.linear(hidden_states)
         # Padding rows are zero, so their logits would be 0, not -inf: they must be cut, not masked.
         logits = logits[..., : self.vocab_size].float()
         if self.logits_soft_cap is not None:

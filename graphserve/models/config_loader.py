@@ -13,7 +13,7 @@ from typing import Any
 
 from graphserve.config import ModelConfig, normalize_dtype
 from graphserve.models.registry import resolve_architecture
-from graphserve.quantization import resolve_quantization
+from graphserve.quantization import resolve_gguf_quantization, resolve_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Config fields that hold the trained context length, most specific first.
@@ -22,7 +22,7 @@ _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 
 def create_model_config(model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
                         load_format: str = "auto", seed: int = 0, tokenizer: str | None = None,
-                        quantization: str | None = None) -> ModelConfig:
+                        quantization: str | None = None, device: str = "auto") -> ModelConfig:
     """Read the checkpoint's config and validate the user's choices against it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
@@ -43,7 +43,14 @@ def create_model_config(model: str | None = None, dtype: str = "auto", max_model
 
             find_safetensors_files(model_dir)  # fail now (e.g. pickle-only checkpoints), not at load time
     architecture = resolve_architecture(hf_config)
-    method, quant_config = resolve_quantization(model_dir, hf_config, quantization, load_format)
+    if load_format == "gguf":
+        from graphserve.models.gguf_loader import gguf_tensor_types
+        from graphserve.platforms import resolve_platform
+
+        method, quant_config = resolve_gguf_quantization(gguf_tensor_types(os.path.join(model_dir, gguf_file)),
+                                                         quantization, not resolve_platform(device).is_cpu())
+    else:
+        method, quant_config = resolve_quantization(model_dir, hf_config, quantization, load_format)
     num_heads = hf_config.num_attention_heads
     eos_token_ids, bos_token_id = _get_special_token_ids(hf_config, model_dir)
     return ModelConfig(

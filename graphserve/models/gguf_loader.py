@@ -1,7 +1,9 @@
-"""Read llama.cpp GGUF checkpoints: HF config from the metadata, dequantized tensors under HF names.
+"""Read llama.cpp GGUF checkpoints: HF config from the metadata, tensors under HF names.
 
-Tensors are dequantized to float32 with the `gguf` package and copied into the model's parameters
-(in the model dtype) by the usual weight loaders; graphserve does not run quantized GGUF kernels.
+Two ways to load: kept quantized (quantization "gguf", the default on GPUs), where the projections, the embedding
+and the head are yielded as their raw blocks [rows, row_bytes] uint8 for `quantization/gguf.py`; or dequantized
+to float32 with the `gguf` package and copied into dense parameters in the model dtype (the default on the CPU,
+whose torch reference would dequantize every weight at every step). Norms and biases are always dequantized.
 """
 from __future__ import annotations
 
@@ -74,8 +76,39 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
-def gguf_weights_iterator(gguf_path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) for every tensor of the GGUF file, q/k un-permuted where needed."""
+def is_kept_quantized(hf_name: str) -> bool:
+    """Whether the quantization "gguf" keeps this tensor in its blocks (projections, embedding, head)."""
+    return hf_name.endswith(_KEPT_SUFFIXES)
+
+
+_KEPT_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def gguf_tensor_types(gguf_path: str) -> dict[str, int]:
+    """{HF name: ggml type id} of the tensors the "gguf" quantization keeps in blocks (read from the header)."""
+    import gguf
+
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    types = {}
+    for tensor in gguf.GGUFReader(gguf_path).tensors:
+        hf_name = gguf_to_hf_name(tensor.name)
+        if hf_name is not None and is_kept_quantized(hf_name):
+            types[hf_name] = int(tensor.tensor_type)
+    return types
+
+
+def _raw_blocks(tensor: Any) -> torch.Tensor:
+    """A tensor's bytes as [rows, row_bytes] uint8 (quantized blocks, or the F32/F16/BF16 values)."""
+    array = np.ascontiguousarray(tensor.data)
+    rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else 1  # GGUF shapes list the columns first
+    return torch.from_numpy(np.array(array.view(np.uint8).reshape(rows, -1)))
+
+
+def gguf_weights_iterator(gguf_path: str, hf_config: Any, keep_quantized: bool = False
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor of the GGUF file, q/k un-permuted where needed: float32 values,
+    or with `keep_quantized` the raw blocks of the projections, the embedding and the head."""
     import gguf
 
     if not os.path.isfile(gguf_path):
@@ -89,9 +122,12 @@ def gguf_weights_iterator(gguf_path: str, hf_config: Any) -> Iterator[tuple[str,
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        # F32 tensors come back as read-only views of the memory-mapped file.
-        weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
+        if keep_quantized and is_kept_quantized(hf_name):
+            weight = _raw_blocks(tensor)  # un-permuting q/k moves whole rows: it works on blocks too
+        else:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            # F32 tensors come back as read-only views of the memory-mapped file.
+            weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
         if arch in _PERMUTED_ARCHS:
             if ".self_attn.q_proj." in hf_name:
                 weight = unpermute_qk(weight, num_heads)

@@ -129,7 +129,7 @@ class LlamaModel(nn.Module):
                  quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size,
-                                                   prefix=f"{prefix}.embed_tokens")
+                                                   prefix=f"{prefix}.embed_tokens", quant_config=quant_config)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config)
             for i in range(hf_config.num_hidden_layers)
@@ -168,7 +168,8 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.quant_config = get_quant_config(model_config)
         self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config), quant_config=self.quant_config)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head")
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head",
+                                      quant_config=self.quant_config)
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(hf_config.vocab_size)

@@ -121,7 +121,7 @@ def _iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Ten
         from graphserve.models.gguf_loader import gguf_weights_iterator
 
         path = os.path.join(model_config.model, model_config.gguf_file)
-        return gguf_weights_iterator(path, model_config.hf_config)
+        return gguf_weights_iterator(path, model_config.hf_config, keep_quantized=model_config.quantization == "gguf")
     if model_config.load_format in ("safetensors", "auto"):
         from graphserve.models.weight_utils import find_safetensors_files, safetensors_weights_iterator
 

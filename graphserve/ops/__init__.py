@@ -7,6 +7,7 @@ from graphserve.ops import (  # noqa: F401  (registers the ops)
     activation,
     attention,
     fp8,
+    gguf,
     layernorm,
     lora,
     quant,

@@ -1,7 +1,7 @@
-"""Quantized checkpoints: a registry of methods (AWQ, GPTQ, SqueezeLLM, FP8, compressed-tensors FP8), read from the
-checkpoint or forced with `--quantization` (`fp8` also quantizes an unquantized checkpoint at load); `base` holds
-the seam (`QuantizationConfig`, `LinearMethodBase`), `packing` the formats' bit layouts, `grouped` what AWQ and GPTQ
-share once loaded.
+"""Quantized checkpoints: a registry of methods (AWQ, GPTQ, SqueezeLLM, FP8, compressed-tensors FP8, GGUF blocks),
+read from the checkpoint or forced with `--quantization` (`fp8` also quantizes an unquantized checkpoint at load);
+`base` holds the seam (`QuantizationConfig`, `LinearMethodBase`), `packing` the formats' bit layouts, `grouped` what
+AWQ and GPTQ share once loaded.
 
 This module imports no torch: the engine's config resolution reads and validates the method before anything
 is built.
@@ -24,7 +24,10 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "squeezellm": "graphserve.quantization.squeezellm:SqueezeLLMConfig",
     "fp8": "graphserve.quantization.fp8:Fp8Config",
     "compressed-tensors": "graphserve.quantization.fp8:CompressedTensorsConfig",
+    "gguf": "graphserve.quantization.gguf:GGUFConfig",
 }
+# ggml types that are plain floats (a GGUF of only these has nothing to keep quantized).
+_GGUF_FLOAT_TYPES = {0, 1, 30}
 # Methods that quantize an unquantized checkpoint while loading it (`--quantization fp8` on a bf16 checkpoint).
 ONLINE_METHODS = {"fp8": {"quant_method": "fp8", "online": True, "activation_scheme": "dynamic"}}
 # Files beside config.json that older checkpoints keep their quantization config in, and what they imply.
@@ -78,6 +81,8 @@ def resolve_quantization(
     """
     if forced is not None:
         get_quantization_config_cls(forced)  # a name we serve at all
+        if forced.lower() == "gguf":
+            raise ValueError(f"--quantization gguf needs a .gguf checkpoint; {model_dir} is not one")
     config, source = _read_checkpoint_config(model_dir, hf_config) if load_format != "gguf" else (None, "")
     if config is None:
         if forced is None:
@@ -98,6 +103,30 @@ def resolve_quantization(
                          f"({source})")
     get_quantization_config_cls(method).from_config(config)  # validates every field now
     return method, config
+
+
+def resolve_gguf_quantization(
+    tensor_types: dict[str, int], forced: str | None, keep_by_default: bool
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(method, config) for a GGUF file whose kept tensors have `tensor_types` ({HF name: ggml type}).
+
+    `--quantization gguf` keeps the blocks (also on the CPU, where the reference is slow); no flag keeps them when
+    `keep_by_default` (a GPU platform) and the file has quantized tensors, else they are dequantized at load;
+    `fp8` quantizes the dequantized weights again. Other methods do not apply to a GGUF file.
+    """
+    name = forced.lower() if forced is not None else None
+    if name is not None and name != "gguf":
+        if name in ONLINE_METHODS:
+            return name, dict(ONLINE_METHODS[name])
+        get_quantization_config_cls(name)
+        raise ValueError(f"--quantization {forced} was given, but the checkpoint is a GGUF file (its own quant "
+                         "types); use --quantization gguf or leave it out")
+    quantized = any(qtype not in _GGUF_FLOAT_TYPES for qtype in tensor_types.values())
+    if name is None and not (keep_by_default and quantized):
+        return None, None
+    config = {"quant_method": "gguf", "tensor_types": dict(tensor_types)}
+    get_quantization_config_cls("gguf").from_config(config)  # every type decodable, named otherwise
+    return "gguf", config
 
 
 def get_quant_config(model_config: ModelConfig) -> QuantizationConfig | None:

@@ -73,3 +73,8 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method for the linear layer named `prefix`, or None to keep it unquantized."""
+
+    def get_embedding_method(self, prefix: str) -> Any:
+        """The method of the token embedding or LM head named `prefix` (`create_weights`, `embedding`, `apply`), or
+        None to keep it dense (every method but GGUF)."""
+        return None

@@ -86,6 +86,8 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.cache_dtype, self.dtype)
         self.attn_backend.validate_kv_cache_dtype(self.kv_cache_dtype, self.dtype)
         self.model = get_model(self.model_config, self.device)
+        logger.info("model weights: %.1f MiB on %s (quantization: %s)", model_weight_bytes(self.model) / (1 << 20),
+                    self.device, self.model_config.quantization or "none")
         bind_attention_backend(self.model, self.attn_backend)
         if self.kv_cache_dtype != self.dtype:
             log_kv_cache_scales(self.model, config.cache_config.cache_dtype)

@@ -44,3 +44,21 @@ def test_greedy_tokens_match_transformers_gguf(llm, hf_model):
             ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                     do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_kept_quantized_gguf_answers_the_same(llm):
+    """Its Q4_1 / Q8_0 blocks kept on the device (`quantization="gguf"`, the GPU default; the CPU dequantizes at
+    load unless asked): the same greedy answer, a third of the weight bytes."""
+    from graphserve.worker.memory_profiler import model_weight_bytes
+
+    kept = LLM(dtype="float32", quantization="gguf")
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    expected = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    got = kept.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    assert "Paris" in got.text and got.token_ids == expected.token_ids
+
+    def weight_bytes(engine):
+        return model_weight_bytes(engine.llm_engine.engine_core.model_executor.model_runner.model)
+
+    assert weight_bytes(kept) * 3 < weight_bytes(llm)

@@ -1,63 +1,12 @@
 """GGUF: llama.cpp names and q/k row order are undone exactly (synthetic file from a tiny HF Llama)."""
-import numpy as np
 import pytest
 import torch
-from model_testutils import hf_logits, our_logits
+from model_testutils import TINY, hf_logits, our_logits
 
 from graphserve.models.config_loader import create_model_config
 from graphserve.models.gguf_loader import gguf_to_hf_name, unpermute_qk
 from graphserve.models.loader import get_model
-
-_HF_TO_GGUF_BLOCK = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-
-
-def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """What llama.cpp's convert_hf_to_gguf.py does to Llama q/k rows (independent re-statement)."""
-    rows = weight.shape[0]
-    half = rows // num_heads // 2
-    return weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _gguf_name(hf_name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if hf_name in fixed:
-        return fixed[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_HF_TO_GGUF_BLOCK[module]}.{kind}"
-
-
-def write_llama_gguf(hf_model, path: str) -> None:
-    """Convert a HF Llama to an F32 GGUF the way llama.cpp would (names, metadata, permuted q/k)."""
-    import gguf
-
-    config = hf_model.config
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    for name, tensor in hf_model.state_dict().items():
-        if name.endswith("q_proj.weight"):
-            tensor = llama_cpp_permute(tensor, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
-        writer.add_tensor(_gguf_name(name), np.ascontiguousarray(tensor.float().numpy()))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+from tests.models.gguf_testutils import MIXED_TYPES, llama_cpp_permute, write_llama_gguf
 
 
 @pytest.mark.parametrize("shape", [(24, 5), (24,)])
@@ -91,3 +40,75 @@ def test_synthetic_llama_gguf_matches_transformers(tiny_checkpoint, tmp_path, pr
     model = get_model(model_config, "cpu")
     diff = (our_logits(model, prompt_ids) - hf_logits(hf_model, prompt_ids)).abs().max()
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_kept_quantized_matches_dequantized_at_load(tiny_checkpoint, tmp_path, prompt_ids, tied):
+    """`quantization="gguf"` keeps the blocks (uint8 parameters, fewer bytes) and computes what the
+    dequantize-at-load path computes; a tied head shares the embedding's blocks (GGUF has no output.weight)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from graphserve.worker.memory_profiler import model_weight_bytes
+
+    _, hf_model = tiny_checkpoint("llama")
+    if tied:
+        torch.manual_seed(5)
+        hf_model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
+    path = tmp_path / f"tiny-llama-tied{tied}.mixed.gguf"
+    write_llama_gguf(hf_model, str(path), MIXED_TYPES)
+    dense_config = create_model_config(str(path))  # the CPU default: dequantized at load
+    assert dense_config.quantization is None
+    kept_config = create_model_config(str(path), quantization="gguf")
+    assert kept_config.quantization == "gguf"
+    types = kept_config.quantization_config["tensor_types"]
+    assert types["model.layers.0.self_attn.v_proj.weight"] == 7 and types["model.embed_tokens.weight"] == 8
+    dense, kept = get_model(dense_config, "cpu"), get_model(kept_config, "cpu")
+    qkv = kept.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.uint8 and not qkv.gguf_uniform
+    assert kept.model.layers[0].mlp.gate_up_proj.gguf_uniform
+    assert kept.model.embed_tokens.weight.dtype == torch.uint8
+    assert (kept.lm_head.weight is kept.model.embed_tokens.weight) == tied
+    assert model_weight_bytes(kept) < model_weight_bytes(dense) / 2
+    ours, reference = our_logits(kept, prompt_ids), our_logits(dense, prompt_ids)
+    assert (ours - reference).abs().max() < 1e-4
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_gguf_quantization_choices(tiny_checkpoint, tmp_path):
+    from graphserve.quantization import resolve_gguf_quantization
+
+    _, hf_model = tiny_checkpoint("llama")
+    path = tmp_path / "tiny.Q8_0.gguf"
+    write_llama_gguf(hf_model, str(path), {"attn_q": "Q8_0"})
+    with pytest.raises(ValueError, match="checkpoint is a GGUF file"):
+        create_model_config(str(path), quantization="awq")
+    assert create_model_config(str(path), quantization="fp8").quantization == "fp8"  # dequantized, then FP8
+    quantized = {"model.layers.0.self_attn.q_proj.weight": 8, "model.embed_tokens.weight": 0}
+    assert resolve_gguf_quantization(quantized, None, keep_by_default=True)[0] == "gguf"  # GPU default
+    assert resolve_gguf_quantization(quantized, None, keep_by_default=False) == (None, None)  # CPU default
+    floats = {"model.layers.0.self_attn.q_proj.weight": 1}
+    assert resolve_gguf_quantization(floats, None, keep_by_default=True) == (None, None)  # nothing to keep
+    unsupported = {"model.layers.3.mlp.down_proj.weight": 16}  # IQ2_XXS
+    with pytest.raises(ValueError, match=r"'model.layers.3.mlp.down_proj.weight' has quant type 16"):
+        resolve_gguf_quantization(unsupported, "gguf", keep_by_default=False)
+    with pytest.raises(ValueError, match="needs a .gguf checkpoint"):
+        create_model_config(tiny_checkpoint("llama")[0], quantization="gguf")
+
+
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q8_0"])
+def test_random_k_quant_llama_kept_matches_dequantized(tmp_path, prompt_ids, recipe):
+    """perf/make_gguf.py's random-block Llama (the GPU benchmark's file, here 256 wide): K-quant and Q6_K
+    projections, embedding and head kept in blocks compute what the dequantized model computes."""
+    from perf.make_gguf import write_random_llama_gguf
+
+    config = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-6, vocab_size=512)
+    path = tmp_path / f"random.{recipe}.gguf"
+    write_random_llama_gguf(config, recipe, str(path))
+    kept_config = create_model_config(str(path), quantization="gguf")
+    expected_types = {14, 12} if recipe == "Q4_K_M" else {8}
+    assert set(kept_config.quantization_config["tensor_types"].values()) == expected_types
+    kept, dense = get_model(kept_config, "cpu"), get_model(create_model_config(str(path)), "cpu")
+    ours, reference = our_logits(kept, prompt_ids), our_logits(dense, prompt_ids)
+    assert torch.isfinite(ours).all()
+    assert (ours - reference).abs().max() < 1e-4 * reference.abs().max()

@@ -17,6 +17,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "activation",
     "sampling",
     "quant",
+    "gguf",
     "lora",
     "rejection_sampler",
 )
