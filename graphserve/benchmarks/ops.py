@@ -31,6 +31,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='also time launch variants of the quantized GEMM at each --quant-batch-sizes row count: '
                              '"gemv:block_n=128,block_r=16,split_k=4,num_warps=4;dot:block_m=16,block_n=64,..." '
                              '(fields of GemmConfig; split_k=0: the heuristic\'s)')
+    parser.add_argument("--gguf-types", nargs="*", default=[],
+                        help="also time the GGUF GEMM in these ggml types (Q4_K Q6_K Q8_0 ...) at --quant-batch-sizes")
     parser.add_argument("--lora-batch-sizes", type=int, nargs="*", default=[],
                         help="tokens of the multi-LoRA shrink / expand points (none: skip them)")
     parser.add_argument("--skip-attention", action="store_true", help="time only the quantized GEMMs")
@@ -45,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ValueError("graphserve bench ops times GPU kernels; no GPU is visible")
     from graphserve.benchmarks import attention_kernels as k
-    from graphserve.benchmarks import lora_kernels, quant_kernels
+    from graphserve.benchmarks import gguf_kernels, lora_kernels, quant_kernels
     from graphserve.benchmarks.common import write_record
     from graphserve.platforms import current_platform
 
@@ -67,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
                                                                  args.quant_group_size, dtype)]
         if args.quant_batch_sizes else [],
         "lora": lora_kernels.bench_lora(args.lora_batch_sizes, dtype) if args.lora_batch_sizes else [],
+        "gguf_gemm": gguf_kernels.bench_llama8b(args.gguf_types, args.quant_batch_sizes, dtype) if args.gguf_types
+        else [],
     }
     if args.quant_variants:
         results["quant_variants"] = quant_kernels.bench_variants(
