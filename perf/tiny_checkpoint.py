@@ -19,7 +19,15 @@ TINY_CONFIG = dict(
 
 def tiny_hf_config(arch: str, **overrides):
     """Configs of the supported families, small enough to run in milliseconds."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     base = {**TINY_CONFIG, **overrides}
     return {
@@ -30,6 +38,12 @@ def tiny_hf_config(arch: str, **overrides):
         "mistral": lambda: MistralConfig(**base, sliding_window=12),
         "qwen2": lambda: Qwen2Config(**base),
         "qwen3": lambda: Qwen3Config(**base, head_dim=32),
+        # Enough experts and top-k that routing differs per token; qwen2_moe: a dense layer after a sparse one.
+        "mixtral": lambda: MixtralConfig(**base, num_local_experts=5, num_experts_per_tok=2),
+        "qwen2_moe": lambda: Qwen2MoeConfig(**base, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=48,
+                                            shared_expert_intermediate_size=96, mlp_only_layers=[1]),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**base, num_experts=7, num_experts_per_tok=3, moe_intermediate_size=32,
+                                            norm_topk_prob=True, head_dim=32),
     }[arch]()
 
 

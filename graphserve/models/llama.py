@@ -5,7 +5,8 @@ and the attention layer separates them through the forward context's metadata.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,16 +96,26 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
 
+# (hf_config, layer index, options, prefix, quant_config) -> the layer's feed-forward module (dense or MoE)
+MlpFactory = Callable[[Any, int, DecoderOptions, str, "QuantizationConfig | None"], nn.Module]
+
+
+def dense_mlp(hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str,
+              quant_config: QuantizationConfig | None) -> nn.Module:
+    """The Llama SwiGLU MLP of `intermediate_size`."""
+    return LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, options.mlp_bias,
+                    prefix=prefix, quant_config=quant_config)
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder block; the residual travels alongside so each RMSNorm can fuse the add."""
 
     def __init__(self, hf_config: Any, layer_idx: int, options: DecoderOptions, prefix: str = "",
-                 quant_config: QuantizationConfig | None = None):
+                 quant_config: QuantizationConfig | None = None, mlp_factory: MlpFactory = dense_mlp):
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, layer_idx, options, prefix=f"{prefix}.self_attn",
                                         quant_config=quant_config)
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act,
-                            options.mlp_bias, prefix=f"{prefix}.mlp", quant_config=quant_config)
+        self.mlp = mlp_factory(hf_config, layer_idx, options, f"{prefix}.mlp", quant_config)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -126,12 +137,13 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF `model.*` names)."""
 
     def __init__(self, hf_config: Any, options: DecoderOptions, prefix: str = "model",
-                 quant_config: QuantizationConfig | None = None):
+                 quant_config: QuantizationConfig | None = None, mlp_factory: MlpFactory = dense_mlp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens", quant_config=quant_config)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config)
+            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config,
+                              mlp_factory=mlp_factory)
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -160,6 +172,11 @@ class LlamaForCausalLM(nn.Module):
     ]
     # Buffers some old checkpoints saved; we recompute them.
     skipped_weight_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+    # (checkpoint substring, ours) applied to every name first (Mixtral's block_sparse_moe is our mlp).
+    weight_name_rewrites: list[tuple[str, str]] = []
+    # MoE models: the checkpoint's per-expert projection names -> FusedMoE shards (w1 gate, w3 up, w2 down).
+    expert_weight_names: dict[str, str] = {}
+    mlp_factory: MlpFactory = staticmethod(dense_mlp)
 
     def __init__(self, model_config: ModelConfig):
         super().__init__()
@@ -167,7 +184,8 @@ class LlamaForCausalLM(nn.Module):
         self.model_config = model_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.quant_config = get_quant_config(model_config)
-        self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config), quant_config=self.quant_config)
+        self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config), quant_config=self.quant_config,
+                                mlp_factory=type(self).mlp_factory)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head",
                                       quant_config=self.quant_config)
         if self.tie_word_embeddings:
@@ -227,11 +245,20 @@ class LlamaForCausalLM(nn.Module):
             else:
                 shards_seen.setdefault(param_name, set()).add(shard_id)
         for param_name, seen in shards_seen.items():
-            if seen == self._expected_shards(param_name):
+            expected = getattr(params[param_name], "expected_shards", None) or self._expected_shards(param_name)
+            if seen == expected:
                 loaded.add(param_name)
         return loaded
 
+    _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+
     def _map_weight_name(self, name: str) -> tuple[str, Any]:
+        for old, new in self.weight_name_rewrites:
+            name = name.replace(old, new)
+        match = self._EXPERT_RE.match(name) if self.expert_weight_names else None
+        if match is not None and match.group(3) in self.expert_weight_names:
+            shard = self.expert_weight_names[match.group(3)]
+            return f"{match.group(1)}.{'w2_weight' if shard == 'w2' else 'w13_weight'}", (int(match.group(2)), shard)
         for param_suffix, weight_suffix, shard_id in self.stacked_params_mapping:
             if weight_suffix + "." in name:
                 return name.replace(weight_suffix + ".", param_suffix + "."), shard_id

@@ -10,6 +10,7 @@ from graphserve.ops import (  # noqa: F401  (registers the ops)
     gguf,
     layernorm,
     lora,
+    moe,
     quant,
     rejection_sampler,
     rotary,

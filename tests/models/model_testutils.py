@@ -8,7 +8,15 @@ PROMPT_LEN = 20
 
 
 def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     return {
         "llama": lambda: LlamaConfig(**TINY),
@@ -26,6 +34,12 @@ def _configs():
         # Layer 0 full attention, layer 1 sliding (max_window_layers=1).
         "qwen2": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1),
         "qwen3": lambda: Qwen3Config(**TINY, head_dim=32),
+        # Enough experts and top-k that routing differs per token; qwen2_moe: a dense layer after a sparse one.
+        "mixtral": lambda: MixtralConfig(**TINY, num_local_experts=5, num_experts_per_tok=2),
+        "qwen2_moe": lambda: Qwen2MoeConfig(**TINY, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=48,
+                                            shared_expert_intermediate_size=96, mlp_only_layers=[1]),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**TINY, num_experts=7, num_experts_per_tok=3, moe_intermediate_size=32,
+                                            norm_topk_prob=True, head_dim=32),
     }
 
 

@@ -11,7 +11,7 @@ from graphserve.models.loader import get_model
 
 ATOL = 1e-4
 CHECKPOINTS = ["llama", "llama_llama3_rope", "llama_yarn_rope", "llama_linear_rope", "llama_tied_bias",
-               "mistral", "qwen2", "qwen3"]
+               "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

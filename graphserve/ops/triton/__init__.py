@@ -19,6 +19,7 @@ _KERNEL_MODULES: tuple[str, ...] = (
     "quant",
     "gguf",
     "lora",
+    "moe",
     "rejection_sampler",
 )
 
