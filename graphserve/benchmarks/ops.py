@@ -33,6 +33,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              '(fields of GemmConfig; split_k=0: the heuristic\'s)')
     parser.add_argument("--gguf-types", nargs="*", default=[],
                         help="also time the GGUF GEMM in these ggml types (Q4_K Q6_K Q8_0 ...) at --quant-batch-sizes")
+    parser.add_argument("--moe-tokens", type=int, nargs="*", default=[],
+                        help="also time the fused MoE op at Mixtral-8x7B and Qwen3-30B-A3B shapes for these token "
+                             "counts (e.g. 1 64 2048), against a per-expert loop of GEMMs")
     parser.add_argument("--lora-batch-sizes", type=int, nargs="*", default=[],
                         help="tokens of the multi-LoRA shrink / expand points (none: skip them)")
     parser.add_argument("--skip-attention", action="store_true", help="time only the quantized GEMMs")
@@ -47,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ValueError("graphserve bench ops times GPU kernels; no GPU is visible")
     from graphserve.benchmarks import attention_kernels as k
-    from graphserve.benchmarks import gguf_kernels, lora_kernels, quant_kernels
+    from graphserve.benchmarks import gguf_kernels, lora_kernels, moe_kernels, quant_kernels
     from graphserve.benchmarks.common import write_record
     from graphserve.platforms import current_platform
 
@@ -71,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
         "lora": lora_kernels.bench_lora(args.lora_batch_sizes, dtype) if args.lora_batch_sizes else [],
         "gguf_gemm": gguf_kernels.bench_llama8b(args.gguf_types, args.quant_batch_sizes, dtype) if args.gguf_types
         else [],
+        "fused_moe": [row for name in moe_kernels.MOE_SHAPES for row in moe_kernels.bench_moe(name, args.moe_tokens,
+                                                                                              dtype)],
     }
     if args.quant_variants:
         results["quant_variants"] = quant_kernels.bench_variants(
