@@ -20,13 +20,19 @@ TINY_CONFIG = dict(
 def tiny_hf_config(arch: str, **overrides):
     """Configs of the supported families, small enough to run in milliseconds."""
     from transformers import (
+        GemmaConfig,
+        GPTNeoXConfig,
+        GraniteConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Olmo2Config,
+        Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        Starcoder2Config,
     )
 
     base = {**TINY_CONFIG, **overrides}
@@ -38,6 +44,24 @@ def tiny_hf_config(arch: str, **overrides):
         "mistral": lambda: MistralConfig(**base, sliding_window=12),
         "qwen2": lambda: Qwen2Config(**base),
         "qwen3": lambda: Qwen3Config(**base, head_dim=32),
+        "granite": lambda: GraniteConfig(**base, embedding_multiplier=3.0, attention_multiplier=0.05,
+                                         residual_multiplier=0.4, logits_scaling=2.5),
+        # A partial rotary factor (Phi-4-mini style); fused qkv / gate_up tensors in the checkpoint.
+        "phi3": lambda: Phi3Config(**base, pad_token_id=0, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        # LongRoPE (Phi-3-mini-128k style), prompts below original_max_position_embeddings.
+        "phi3_longrope": lambda: Phi3Config(**base, pad_token_id=0, original_max_position_embeddings=24,
+                                            rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "long_factor": [2.0 + 0.1 * i for i in range(8)]}),
+        # LayerNorms, biases, a GELU MLP and a sliding window of 12 tokens.
+        "starcoder2": lambda: Starcoder2Config(**base, sliding_window=12, use_bias=True, norm_epsilon=1e-5),
+        "olmo2": lambda: Olmo2Config(**base),
+        # GeGLU, (1 + w) norms, embedding normalizer, head_dim 32 != hidden / heads, tied head.
+        "gemma": lambda: GemmaConfig(**base, head_dim=32),
+        # Head-interleaved fused qkv, partial rotary, parallel residual (gpt_neox_seq: the sequential one).
+        "gpt_neox": lambda: GPTNeoXConfig(**_mha(base), rotary_pct=0.25, hidden_act="gelu"),
+        "gpt_neox_seq": lambda: GPTNeoXConfig(**_mha(base), rotary_pct=0.5, use_parallel_residual=False),
         # Enough experts and top-k that routing differs per token; qwen2_moe: a dense layer after a sparse one.
         "mixtral": lambda: MixtralConfig(**base, num_local_experts=5, num_experts_per_tok=2),
         "qwen2_moe": lambda: Qwen2MoeConfig(**base, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=48,
@@ -62,3 +86,8 @@ def write_tiny_checkpoint(path: str, arch: str = "llama", weights: bool = True, 
         config.save_pretrained(path)
     build_tokenizer(config.vocab_size).save_pretrained(path)
     return model
+
+
+def _mha(config: dict) -> dict:
+    """The config without num_key_value_heads (GPT-NeoX has one KV head per query head)."""
+    return {k: v for k, v in config.items() if k != "num_key_value_heads"}

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graphserve.config import ModelConfig
 from graphserve.layers.activation import SiluAndMul
 from graphserve.layers.attention import Attention
-from graphserve.layers.layernorm import RMSNorm
+from graphserve.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
 from graphserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from graphserve.layers.logits_processor import LogitsProcessor
-from graphserve.layers.rotary_embedding import get_rope, get_rope_parameters
+from graphserve.layers.rotary_embedding import get_partial_rotary_factor, get_rope, get_rope_parameters
 from graphserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from graphserve.models.config_loader import get_head_dim, get_layer_sliding_window
 from graphserve.models.weight_utils import default_weight_loader, kv_scale_target
@@ -35,16 +36,31 @@ class DecoderOptions:
     o_proj_bias: bool = False  # bias on the output projection (Llama/Qwen3 with attention_bias)
     mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    attention_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Granite: attention_multiplier)
+    residual_multiplier: float = 1.0  # each block's output is scaled before the residual add (Granite)
+    embedding_multiplier: float = 1.0  # the token embeddings are scaled (Granite)
+    norm: str = "rms"  # "rms"; "layer": LayerNorm with bias, eps `norm_epsilon` (StarCoder2); "gemma": (1 + w)
+
+
+def make_norm(hf_config: Any, options: DecoderOptions) -> nn.Module:
+    """The family's normalization over hidden_size: RMSNorm, LayerNorm (norm_epsilon) or Gemma's RMSNorm."""
+    if options.norm == "layer":
+        eps = getattr(hf_config, "norm_epsilon", None) or getattr(hf_config, "layer_norm_eps", None) or 1e-5
+        return LayerNorm(hf_config.hidden_size, eps)
+    if options.norm == "gemma":
+        return GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+    return RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool, prefix: str = "",
                  quant_config: QuantizationConfig | None = None):
         super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"Unsupported activation {hidden_act!r}: only silu is supported")
+        if hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"Unsupported activation {hidden_act!r}: silu or gelu_pytorch_tanh")
+        self.gelu = hidden_act == "gelu_pytorch_tanh"
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
@@ -53,6 +69,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, hidden_size]
         """[num_tokens, hidden_size] -> [num_tokens, hidden_size]."""
+        if self.gelu:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -78,9 +97,11 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         rope_theta, rope_scaling = get_rope_parameters(hf_config)
-        self.rotary_emb = get_rope(self.head_dim, self.head_dim, hf_config.max_position_embeddings,
+        rotary_dim = int(self.head_dim * get_partial_rotary_factor(hf_config))  # Phi-3 / Phi-4 may rotate a part
+        self.rotary_emb = get_rope(self.head_dim, rotary_dim, hf_config.max_position_embeddings,
                                    rope_theta, rope_scaling, is_neox_style=True)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_idx,
+        scale = options.attention_scale if options.attention_scale is not None else self.head_dim**-0.5
+        self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_kv_heads, layer_idx,
                               sliding_window=get_layer_sliding_window(hf_config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -116,8 +137,9 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(hf_config, layer_idx, options, prefix=f"{prefix}.self_attn",
                                         quant_config=quant_config)
         self.mlp = mlp_factory(hf_config, layer_idx, options, f"{prefix}.mlp", quant_config)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.residual_multiplier = options.residual_multiplier
+        self.input_layernorm = make_norm(hf_config, options)
+        self.post_attention_layernorm = make_norm(hf_config, options)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,29 +151,39 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        hidden_states = self.mlp(hidden_states)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
+        return hidden_states, residual
 
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF `model.*` names)."""
 
     def __init__(self, hf_config: Any, options: DecoderOptions, prefix: str = "model",
-                 quant_config: QuantizationConfig | None = None, mlp_factory: MlpFactory = dense_mlp):
+                 quant_config: QuantizationConfig | None = None, mlp_factory: MlpFactory = dense_mlp,
+                 layer_cls: type[nn.Module] | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens", quant_config=quant_config)
+        layer_cls = layer_cls or LlamaDecoderLayer
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config,
-                              mlp_factory=mlp_factory)
+            layer_cls(hf_config, i, options, prefix=f"{prefix}.layers.{i}", quant_config=quant_config,
+                      mlp_factory=mlp_factory)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.norm = make_norm(hf_config, options)
+        self.embedding_multiplier = options.embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [num_tokens]
         """[num_tokens] ids -> [num_tokens, hidden_size] final hidden states."""
         hidden_states = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden_states = hidden_states * self.embedding_multiplier
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
@@ -177,6 +209,7 @@ class LlamaForCausalLM(nn.Module):
     # MoE models: the checkpoint's per-expert projection names -> FusedMoE shards (w1 gate, w3 up, w2 down).
     expert_weight_names: dict[str, str] = {}
     mlp_factory: MlpFactory = staticmethod(dense_mlp)
+    decoder_layer_cls: type[nn.Module] | None = None  # None: LlamaDecoderLayer (OLMo 2 brings its own)
 
     def __init__(self, model_config: ModelConfig):
         super().__init__()
@@ -185,12 +218,12 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.quant_config = get_quant_config(model_config)
         self.model = LlamaModel(hf_config, self.get_decoder_options(hf_config), quant_config=self.quant_config,
-                                mlp_factory=type(self).mlp_factory)
+                                mlp_factory=type(self).mlp_factory, layer_cls=self.decoder_layer_cls)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, prefix="lm_head",
                                       quant_config=self.quant_config)
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(hf_config.vocab_size)
+        self.logits_processor = LogitsProcessor(hf_config.vocab_size, scale=self.get_logits_scale(hf_config))
 
     @classmethod
     def get_decoder_options(cls, hf_config: Any) -> DecoderOptions:
@@ -198,6 +231,11 @@ class LlamaForCausalLM(nn.Module):
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderOptions(qkv_bias=attention_bias, o_proj_bias=attention_bias,
                               mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+    @classmethod
+    def get_logits_scale(cls, hf_config: Any) -> float:
+        """The factor the logits are multiplied by (1.0; Granite divides by `logits_scaling`)."""
+        return 1.0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [num_tokens]

@@ -98,11 +98,14 @@ def test_triton_kernels_match_the_reference(name):
     out = torch.empty(n, k)
     triton_gguf.gguf_dequantize(out, blocks, _qtype(name))
     assert torch.equal(out, dense)
+    g = torch.Generator().manual_seed(k)
     for m in (1, 3, 20):  # GEMV, GEMV with rows, tl.dot tiles
-        x = torch.randn(m, k)
+        x = torch.randn(m, k, generator=g)
         got = torch.empty(m, n)
         triton_gguf.gguf_gemm(got, x, blocks, _qtype(name))
-        torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4)
+        ref = x @ dense.t()
+        # fp32 sums in another order: relative to the output's norm (single outputs may cancel to near zero)
+        assert ((got - ref).norm() / ref.norm()) < 1e-6, f"m={m}"
 
 
 def test_triton_gemm_in_half_precision():
