@@ -20,6 +20,7 @@ TINY_CONFIG = dict(
 def tiny_hf_config(arch: str, **overrides):
     """Configs of the supported families, small enough to run in milliseconds."""
     from transformers import (
+        FalconConfig,
         GemmaConfig,
         GPTNeoXConfig,
         GraniteConfig,
@@ -62,6 +63,12 @@ def tiny_hf_config(arch: str, **overrides):
         # Head-interleaved fused qkv, partial rotary, parallel residual (gpt_neox_seq: the sequential one).
         "gpt_neox": lambda: GPTNeoXConfig(**_mha(base), rotary_pct=0.25, hidden_act="gelu"),
         "gpt_neox_seq": lambda: GPTNeoXConfig(**_mha(base), rotary_pct=0.5, use_parallel_residual=False),
+        # Falcon-7B style (multi-query, one shared norm, parallel block, no biases, tied head) and the new
+        # architecture (grouped KV heads, ln_attn / ln_mlp, biases); falcon_seq: the sequential block.
+        "falcon": lambda: FalconConfig(**_mha(base), multi_query=True, parallel_attn=True),
+        "falcon_new": lambda: FalconConfig(**_mha(base), new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                                           tie_word_embeddings=False),
+        "falcon_seq": lambda: FalconConfig(**_mha(base), multi_query=False, parallel_attn=False, bias=True),
         # Enough experts and top-k that routing differs per token; qwen2_moe: a dense layer after a sparse one.
         "mixtral": lambda: MixtralConfig(**base, num_local_experts=5, num_experts_per_tok=2),
         "qwen2_moe": lambda: Qwen2MoeConfig(**base, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=48,

@@ -45,7 +45,8 @@ class DecoderOptions:
 def make_norm(hf_config: Any, options: DecoderOptions) -> nn.Module:
     """The family's normalization over hidden_size: RMSNorm, LayerNorm (norm_epsilon) or Gemma's RMSNorm."""
     if options.norm == "layer":
-        eps = getattr(hf_config, "norm_epsilon", None) or getattr(hf_config, "layer_norm_eps", None) or 1e-5
+        eps = next((getattr(hf_config, name) for name in ("norm_epsilon", "layer_norm_eps", "layer_norm_epsilon")
+                    if getattr(hf_config, name, None) is not None), 1e-5)
         return LayerNorm(hf_config.hidden_size, eps)
     if options.norm == "gemma":
         return GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
