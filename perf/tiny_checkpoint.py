@@ -21,6 +21,7 @@ def tiny_hf_config(arch: str, **overrides):
     """Configs of the supported families, small enough to run in milliseconds."""
     from transformers import (
         FalconConfig,
+        Gemma3TextConfig,
         GemmaConfig,
         GPTNeoXConfig,
         GraniteConfig,
@@ -69,6 +70,14 @@ def tiny_hf_config(arch: str, **overrides):
         "falcon_new": lambda: FalconConfig(**_mha(base), new_decoder_architecture=True, num_kv_heads=2, bias=True,
                                            tie_word_embeddings=False),
         "falcon_seq": lambda: FalconConfig(**_mha(base), multi_query=False, parallel_attn=False, bias=True),
+        # Local (window 8) and global layers with their own RoPE, per-head q/k norms, four norms per layer,
+        # query_pre_attn_scalar and a final logit soft-cap.
+        "gemma3": lambda: Gemma3TextConfig(**{**base, "num_hidden_layers": 3}, head_dim=32, sliding_window=8,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                           query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+                                           rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}),
         # Enough experts and top-k that routing differs per token; qwen2_moe: a dense layer after a sparse one.
         "mixtral": lambda: MixtralConfig(**base, num_local_experts=5, num_experts_per_tok=2),
         "qwen2_moe": lambda: Qwen2MoeConfig(**base, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=48,

@@ -76,6 +76,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+def rope_layer_type(hf_config: Any, layer_idx: int) -> str | None:
+    """The layer's type ("sliding_attention", ...) when the config keeps RoPE parameters per layer type, else None."""
+    params = getattr(hf_config, "rope_parameters", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if isinstance(params, dict) and layer_types and any(isinstance(v, dict) for v in params.values()):
+        return layer_types[layer_idx]
+    return None
+
+
 class LlamaAttention(nn.Module):
     """Fused QKV projection, optional per-head q/k norm, RoPE, paged attention, output projection."""
 
@@ -93,12 +102,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(self.q_size, hf_config.hidden_size, bias=options.o_proj_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
         if options.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            norm_cls = GemmaRMSNorm if options.norm == "gemma" else RMSNorm
+            self.q_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        rope_theta, rope_scaling = get_rope_parameters(hf_config)
-        rotary_dim = int(self.head_dim * get_partial_rotary_factor(hf_config))  # Phi-3 / Phi-4 may rotate a part
+        layer_type = rope_layer_type(hf_config, layer_idx)  # Gemma 3: local and global layers rotate differently
+        rope_theta, rope_scaling = get_rope_parameters(hf_config, layer_type)
+        rotary_dim = int(self.head_dim * get_partial_rotary_factor(hf_config, layer_type))  # Phi-3/4: a part
         self.rotary_emb = get_rope(self.head_dim, rotary_dim, hf_config.max_position_embeddings,
                                    rope_theta, rope_scaling, is_neox_style=True)
         scale = options.attention_scale if options.attention_scale is not None else self.head_dim**-0.5

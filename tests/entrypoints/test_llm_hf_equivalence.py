@@ -5,7 +5,8 @@ import torch
 from graphserve import LLM, SamplingParams
 
 ARCHS = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
-         "granite", "phi3", "starcoder2", "olmo2", "gemma", "gpt_neox", "gpt_neox_seq", "falcon", "falcon_new"]
+         "granite", "phi3", "starcoder2", "olmo2", "gemma", "gpt_neox", "gpt_neox_seq", "falcon", "falcon_new",
+         "gemma3"]
 ATTENTION_BACKENDS = ["PAGED_ATTN", "TORCH_SDPA"]  # every backend must match transformers
 PROMPT_LENS = [3, 15, 17, 40]  # around block boundaries (block_size 16); 40 > mistral's window of 12
 NEW_TOKENS = 32

@@ -24,7 +24,8 @@ from gpu_testutils import (
 from graphserve import LLM, SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
-         "granite", "phi3", "starcoder2", "olmo2", "gemma", "gpt_neox", "falcon", "falcon_new"]
+         "granite", "phi3", "starcoder2", "olmo2", "gemma", "gpt_neox", "falcon", "falcon_new",
+         "gemma3"]
 # The second attention backend runs compiled on the GPU too, without graphs (it loops on the host).
 MODES = {"compile_graphs": {}, "enforce_eager": {"enforce_eager": True},
          "torch_sdpa": {"attention_backend": "TORCH_SDPA"}}
