@@ -21,6 +21,7 @@ def tiny_hf_config(arch: str, **overrides):
     """Configs of the supported families, small enough to run in milliseconds."""
     from transformers import (
         FalconConfig,
+        Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
         GPTNeoXConfig,
@@ -70,6 +71,10 @@ def tiny_hf_config(arch: str, **overrides):
         "falcon_new": lambda: FalconConfig(**_mha(base), new_decoder_architecture=True, num_kv_heads=2, bias=True,
                                            tie_word_embeddings=False),
         "falcon_seq": lambda: FalconConfig(**_mha(base), multi_query=False, parallel_attn=False, bias=True),
+        # Attention and final logit soft-caps small enough to bite, alternating window-8 and global layers.
+        "gemma2": lambda: Gemma2Config(**{**base, "num_hidden_layers": 3}, head_dim=32, sliding_window=8,
+                                       query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                       final_logit_softcapping=3.0),
         # Local (window 8) and global layers with their own RoPE, per-head q/k norms, four norms per layer,
         # query_pre_attn_scalar and a final logit soft-cap.
         "gemma3": lambda: Gemma3TextConfig(**{**base, "num_hidden_layers": 3}, head_dim=32, sliding_window=8,

@@ -28,6 +28,7 @@ class Attention(nn.Module):
         num_kv_heads: int,
         layer_idx: int,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -36,6 +37,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap  # cap * tanh(score / cap) before the softmax (Gemma 2)
         self.set_backend(get_attn_backend(_DEFAULT_BACKEND))
         self.layer_id = attention_ops.register_attention_layer(self)
         # FP8 KV cache scales (k_scale, v_scale: fp32, per layer), from the checkpoint or 1.0 (`set_kv_scale`).
@@ -62,7 +64,7 @@ class Attention(nn.Module):
         """Run this layer through `attn_backend` (its KV cache must be in that backend's shape)."""
         self.attn_backend = attn_backend
         self.impl = attn_backend.get_impl_cls()(self.num_heads, self.head_size, self.scale, self.num_kv_heads,
-                                                self.sliding_window)
+                                                self.sliding_window, self.logits_soft_cap)
 
     def forward(
         self,

@@ -1,7 +1,7 @@
 """Gemma 3 (text): Gemma's GeGLU, (1 + w) norms and embedding scale, plus per-head q/k norms, four norms per layer
 (pre and post attention, pre and post feed-forward), the softmax scale `query_pre_attn_scalar ** -0.5`, local
 (sliding-window) and global layers by `layer_types` with their own RoPE parameters, and an optional final logit
-soft-cap. Attention-logit soft-capping (`attn_logit_softcapping`, off in Gemma 3) is refused."""
+soft-cap (and the attention-logit soft-cap where the config sets one, PAGED_ATTN only)."""
 from __future__ import annotations
 
 from typing import Any
@@ -51,6 +51,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     mlp_factory = staticmethod(gemma3_mlp)
     decoder_layer_cls = Gemma3DecoderLayer
+    qk_norm = True
 
     def __init__(self, model_config: Any):
         super().__init__(model_config)
@@ -59,11 +60,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def get_decoder_options(cls, hf_config: Any) -> DecoderOptions:
-        """Gemma norms (also on q and k per head), the embedding normalizer and the query_pre_attn_scalar scale."""
-        if getattr(hf_config, "attn_logit_softcapping", None) is not None:
-            raise ValueError("attn_logit_softcapping is not supported yet (the attention ops have no soft-cap)")
+        """Gemma norms (also on q and k per head), the embedding normalizer, the query_pre_attn_scalar scale and
+        the attention soft-cap where the config sets one."""
         normalizer = float(torch.tensor(hf_config.hidden_size**0.5, device="cpu").to(torch.get_default_dtype()))
         bias = bool(getattr(hf_config, "attention_bias", False))
-        return DecoderOptions(qkv_bias=bias, o_proj_bias=bias, qk_norm=True, norm="gemma",
+        return DecoderOptions(qkv_bias=bias, o_proj_bias=bias, qk_norm=cls.qk_norm, norm="gemma",
                               embedding_multiplier=normalizer,
-                              attention_scale=float(hf_config.query_pre_attn_scalar) ** -0.5)
+                              attention_scale=float(hf_config.query_pre_attn_scalar) ** -0.5,
+                              attn_logit_softcap=getattr(hf_config, "attn_logit_softcapping", None))

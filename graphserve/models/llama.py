@@ -39,6 +39,7 @@ class DecoderOptions:
     attention_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Granite: attention_multiplier)
     residual_multiplier: float = 1.0  # each block's output is scaled before the residual add (Granite)
     embedding_multiplier: float = 1.0  # the token embeddings are scaled (Granite)
+    attn_logit_softcap: float | None = None  # attention scores soft-capped: cap * tanh(s / cap) (Gemma 2)
     norm: str = "rms"  # "rms"; "layer": LayerNorm with bias, eps `norm_epsilon` (StarCoder2); "gemma": (1 + w)
 
 
@@ -114,7 +115,8 @@ class LlamaAttention(nn.Module):
                                    rope_theta, rope_scaling, is_neox_style=True)
         scale = options.attention_scale if options.attention_scale is not None else self.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_kv_heads, layer_idx,
-                              sliding_window=get_layer_sliding_window(hf_config, layer_idx))
+                              sliding_window=get_layer_sliding_window(hf_config, layer_idx),
+                              logits_soft_cap=options.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # positions: [num_tokens]; hidden_states: [num_tokens, hidden_size]

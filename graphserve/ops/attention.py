@@ -97,12 +97,18 @@ def _reshape_and_cache_ref(
     value_cache.index_put_(index, to_cache(value[valid], value_cache.dtype, v_scale))
 
 
-def _attend_one_sequence(
+def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(scores / cap) (Gemma 2's attention-logit soft-capping); the scores themselves when cap is 0."""
+    return torch.tanh(scores / cap) * cap if cap > 0 else scores
+
+
+def attend_one_sequence(
     query: torch.Tensor,  # [query_len, num_heads, head_dim]
     key: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
     value: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
     scale: float,
     sliding_window: int,
+    logits_soft_cap: float = 0.0,
 ) -> torch.Tensor:  # [query_len, num_heads, head_dim] float32
     """Causal (bottom-right aligned) GQA attention of one sequence's queries over its whole context, in fp32."""
     query_len, num_heads, head_dim = query.shape
@@ -113,7 +119,7 @@ def _attend_one_sequence(
     q = q.reshape(num_kv_heads, group * query_len, head_dim)
     k = key.float().permute(1, 2, 0)  # [num_kv_heads, head_dim, seq_len]
     v = value.float().permute(1, 0, 2)  # [num_kv_heads, seq_len, head_dim]
-    scores = torch.bmm(q, k).mul_(scale).view(num_kv_heads, group, query_len, seq_len)
+    scores = soft_cap(torch.bmm(q, k).mul_(scale), logits_soft_cap).view(num_kv_heads, group, query_len, seq_len)
     # Query i of the chunk sits at absolute position seq_len - query_len + i.
     q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device).unsqueeze(1)
     k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
@@ -136,6 +142,7 @@ def _decode_attention(
     sliding_window: int,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    logits_soft_cap: float = 0.0,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim] float32
     """Single-token queries of many sequences at once: one gather of their padded contexts, one masked softmax.
 
@@ -153,7 +160,7 @@ def _decode_attention(
     k = from_cache(key_cache[blocks].flatten(1, 2)[:, :max_len], k_scale)  # [num_decodes, max_len, kv_heads, d]
     v = from_cache(value_cache[blocks].flatten(1, 2)[:, :max_len], v_scale)
     q = query.float().view(num_decodes, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bkgd,bskd->bkgs", q, k).mul_(scale)
+    scores = soft_cap(torch.einsum("bkgd,bskd->bkgs", q, k).mul_(scale), logits_soft_cap)
     pos = torch.arange(max_len, device=query.device)
     visible = pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [num_decodes, max_len]
     if sliding_window > 0:
@@ -177,6 +184,7 @@ def _paged_attention_ref(
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,  # [1] fp32 (FP8 caches)
     v_scale: torch.Tensor | None = None,  # [1] fp32
+    logits_soft_cap: float = 0.0,  # > 0: scores soft-capped to (-cap, cap) before the softmax (Gemma 2)
 ) -> None:
     """Attention of every sequence's new tokens over its cached context (read back through the FP8 scales).
 
@@ -192,7 +200,7 @@ def _paged_attention_ref(
         rows = torch.tensor([starts[b] for b in decodes], device=query.device)
         index = torch.tensor(decodes, device=query.device)
         attn = _decode_attention(query[rows], key_cache, value_cache, block_table[index],
-                                 seq_lens[index].long(), scale, sliding_window, k_scale, v_scale)
+                                 seq_lens[index].long(), scale, sliding_window, k_scale, v_scale, logits_soft_cap)
         out[rows] = attn.to(out.dtype)
     for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
@@ -202,7 +210,7 @@ def _paged_attention_ref(
         blocks = block_table[b, :num_blocks].long()
         k = from_cache(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)  # [seq_len, num_kv_heads, head_dim]
         v = from_cache(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
-        attn = _attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window)
+        attn = attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window, logits_soft_cap)
         out[q_start:q_end] = attn.to(out.dtype)
     out[starts[-1] :].zero_()
 
@@ -257,9 +265,11 @@ def paged_attention(
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,  # [1] fp32: FP8 caches
     v_scale: torch.Tensor | None = None,
+    logits_soft_cap: float = 0.0,
 ) -> None:
-    """Causal GQA attention over the paged cache for a mixed batch, written into `out` (sliding_window 0 = none)."""
+    """Causal GQA attention over the paged cache for a mixed batch, written into `out` (sliding_window 0 = none,
+    logits_soft_cap 0 = none)."""
     torch.ops.graphserve.paged_attention(
         out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-        scale, sliding_window, max_query_len, max_seq_len, k_scale, v_scale,
+        scale, sliding_window, max_query_len, max_seq_len, k_scale, v_scale, logits_soft_cap,
     )

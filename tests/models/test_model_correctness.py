@@ -13,7 +13,7 @@ ATOL = 1e-4
 CHECKPOINTS = ["llama", "llama_llama3_rope", "llama_yarn_rope", "llama_linear_rope", "llama_tied_bias",
                "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
                "granite", "phi3", "phi3_longrope", "starcoder2", "olmo2", "gemma", "gpt_neox", "gpt_neox_seq",
-               "falcon", "falcon_new", "falcon_seq", "gemma3"]
+               "falcon", "falcon_new", "falcon_seq", "gemma3", "gemma2"]
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -43,8 +43,9 @@ def _paged_batch(batch, dtype, seed=0):
     return queries, keys, values, key_cache, value_cache, block_table, seq_lens, query_start_loc
 
 
-def _dense_reference(queries, keys, values, scale, window):
-    """Per sequence and query token: softmax over the explicitly listed visible keys, in float64."""
+def _dense_reference(queries, keys, values, scale, window, soft_cap=0.0):
+    """Per sequence and query token: softmax over the explicitly listed visible keys, in float64 (scores soft-capped
+    to cap * tanh(score / cap) when soft_cap is set)."""
     group = NUM_HEADS // NUM_KV_HEADS
     outs = []
     for q, k, v in zip(queries, keys, values):
@@ -55,7 +56,10 @@ def _dense_reference(queries, keys, values, scale, window):
             row = torch.empty(NUM_HEADS, HEAD_SIZE, dtype=torch.float64)
             for h in range(NUM_HEADS):
                 kk, vv = k[visible, h // group].double(), v[visible, h // group].double()
-                p = torch.softmax(kk @ q[i, h].double() * scale, dim=0)
+                scores = kk @ q[i, h].double() * scale
+                if soft_cap:
+                    scores = soft_cap * torch.tanh(scores / soft_cap)
+                p = torch.softmax(scores, dim=0)
                 row[h] = p @ vv
             outs.append(row)
     return torch.stack(outs)
@@ -137,3 +141,18 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.graphserve.reshape_and_cache.default, (key, key.clone(), key_cache, value_cache, slots)
     )
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_logit_soft_cap(window):
+    """Gemma 2's soft-capping: a small cap changes the result, and it matches the definition."""
+    queries, keys, values, key_cache, value_cache, block_table, seq_lens, qsl = _paged_batch(BATCH, torch.float32)
+    query = torch.cat(queries)
+    args = (query, key_cache, value_cache, block_table, seq_lens, qsl, 1.5, window, max(q for q, _ in BATCH),
+            int(seq_lens.max()))
+    capped, plain = torch.empty_like(query), torch.empty_like(query)
+    paged_attention(capped, *args, None, None, 2.0)
+    paged_attention(plain, *args)
+    expected = _dense_reference(queries, keys, values, 1.5, window, soft_cap=2.0)
+    torch.testing.assert_close(capped.double(), expected, rtol=2e-5, atol=2e-5)
+    assert not torch.allclose(capped, plain, atol=1e-3)

@@ -49,9 +49,10 @@ def _paged_batch(batch, num_heads, num_kv_heads, head_dim, block_size, dtype, nu
     return query, key_cache, value_cache, block_table, seq_lens, query_start_loc
 
 
-def _reference(query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window):
+def _reference(query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, soft_cap=0.0):
     out = torch.full_like(query, float("nan"))
-    _paged_attention_ref(out, query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, 0, 0)
+    _paged_attention_ref(out, query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, 0, 0,
+                         None, None, soft_cap)
     return out
 
 
@@ -200,3 +201,17 @@ def test_registration_is_explicit_idempotent_and_on_the_device_key():
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_logit_soft_cap_matches_reference(window):
+    """Gemma 2's soft-cap in both kernels (a cap small enough to change every score), split decode included."""
+    decode = _paged_batch([(1, s) for s in DECODE_SEQ_LENS], 8, 2, 32, 16, torch.float32, seed=9)
+    out = torch.full_like(decode[0], float("nan"))
+    paged_decode_attention(out, *decode, 1.2, window, max(DECODE_SEQ_LENS), None, None, 3.0, num_splits=3)
+    _assert_close(out, _reference(*decode, 1.2, window, 3.0), torch.float32)
+    mixed = _paged_batch(MIXED, 8, 2, 32, 16, torch.float32, num_pad_rows=3, seed=10)
+    out = torch.full_like(mixed[0], float("nan"))
+    paged_prefill_attention(out, *mixed, 1.2, window, max(q for q, _ in MIXED), None, None, 3.0)
+    _assert_close(out, _reference(*mixed, 1.2, window, 3.0), torch.float32)
+    assert not torch.allclose(out, _reference(*mixed, 1.2, window), atol=1e-3)

@@ -99,11 +99,19 @@ class AttentionMetadataBuilder(ABC):
 class AttentionImpl(ABC):
     """Runs one layer's attention for a batch described by its backend's metadata."""
 
+    # Whether the backend applies attention-logit soft-capping (Gemma 2); others refuse layers that need it.
+    supports_logits_soft_cap = False
+
     def __init__(
-        self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, sliding_window: int | None = None
+        self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if logits_soft_cap and not self.supports_logits_soft_cap:
+            raise ValueError(f"{type(self).__name__} cannot soft-cap attention logits (the model sets "
+                             f"attn_logit_softcapping={logits_soft_cap}); use the PAGED_ATTN backend")
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale

@@ -129,6 +129,8 @@ class PagedAttentionMetadataBuilder(AttentionMetadataBuilder):
 class PagedAttentionImpl(AttentionImpl):
     """Writes the new K/V with `reshape_and_cache`, then runs `paged_attention` over the whole batch."""
 
+    supports_logits_soft_cap = True
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_size]
@@ -142,7 +144,7 @@ class PagedAttentionImpl(AttentionImpl):
     ) -> None:
         """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
         if attn_metadata is None or kv_cache is None:
-            output.copy_(causal_attention(query, key, value, self.scale, self.sliding_window))
+            output.copy_(causal_attention(query, key, value, self.scale, self.sliding_window, self.logits_soft_cap))
             return
         key_cache, value_cache = kv_cache.unbind(0)
         md = attn_metadata
@@ -150,6 +152,7 @@ class PagedAttentionImpl(AttentionImpl):
         attention_ops.paged_attention(
             output, query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc,
             self.scale, self.sliding_window or 0, md.max_query_len, md.max_seq_len, k_scale, v_scale,
+            self.logits_soft_cap,
         )
 
 

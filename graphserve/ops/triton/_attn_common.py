@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_CONST = tl.constexpr(LOG2E)
 
 
 def is_interpreter() -> bool:
@@ -153,9 +154,14 @@ def online_softmax_step(
     scale_log2,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFT_CAP: tl.constexpr,  # > 0: scores become SOFT_CAP * tanh(score / SOFT_CAP) (Gemma 2)
 ):
     """One flash-attention step: scores of the tile, rescale of the running state, accumulation of P @ V."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if SOFT_CAP > 0:
+        # tanh(x) = 2 * sigmoid(2x) - 1, on the natural-log scores, then back to the log2 domain
+        natural = s * (1.0 / LOG2E_CONST)
+        s = (SOFT_CAP * (2.0 * tl.sigmoid(natural * (2.0 / SOFT_CAP)) - 1.0)) * LOG2E_CONST
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))

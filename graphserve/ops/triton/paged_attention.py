@@ -60,6 +60,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     """Attention of one sequence's single query over one partition of its context, for one KV head's group."""
     seq = tl.program_id(0)
@@ -111,7 +112,7 @@ def _paged_decode_kernel(
             HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(
-            q, k, v, n_mask[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION
+            q, k, v, n_mask[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION, SOFT_CAP
         )
 
     o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
@@ -203,6 +204,7 @@ def paged_decode_attention(
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    logits_soft_cap: float = 0.0,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -244,7 +246,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(query.dtype),
-        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, **launch,
+        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, SOFT_CAP=float(logits_soft_cap), **launch,
     )
     # The decode kernel zeroed padded rows below num_seqs; rows beyond exist only if num_tokens > num_seqs.
     zero_padded_rows(out, query_start_loc, row_begin=num_seqs)
@@ -264,15 +266,16 @@ def paged_attention(
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    logits_soft_cap: float = 0.0,
 ) -> None:
     """The device impl of `graphserve::paged_attention`: decode kernel for pure decode batches, else prefill."""
     if max_query_len <= 1:
         paged_decode_attention(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                               scale, sliding_window, max_seq_len, k_scale, v_scale)
+                               scale, sliding_window, max_seq_len, k_scale, v_scale, logits_soft_cap)
     else:
         _check_shapes(out, query, key_cache, value_cache)
         paged_prefill_attention(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                                scale, sliding_window, max_query_len, k_scale, v_scale)
+                                scale, sliding_window, max_query_len, k_scale, v_scale, logits_soft_cap)
 
 
 def register(dispatch_key: str) -> dict[str, str]:

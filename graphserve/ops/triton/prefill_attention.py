@@ -42,6 +42,7 @@ def _paged_prefill_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     """Flash attention of BLOCK_Q query tokens (all heads of one KV head) of one sequence over its context."""
     # Heaviest (last, longest-context) query blocks first: causal work grows with the block index.
@@ -93,7 +94,8 @@ def _paged_prefill_kernel(
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
-        m_i, l_i, acc = online_softmax_step(q, k, v, 0, m_i, l_i, acc, scale_log2, False, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(q, k, v, 0, m_i, l_i, acc, scale_log2, False, DOT_PRECISION,
+                                                 SOFT_CAP)
     for n0 in range(full_hi, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -105,7 +107,8 @@ def _paged_prefill_kernel(
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - sliding_window)
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, True, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, True, DOT_PRECISION,
+                                                 SOFT_CAP)
 
     # Rows that are padding (past q_len or the last whole token group) have l = 0; they are not stored.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -146,6 +149,7 @@ def paged_prefill_attention(
     max_query_len: int,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    logits_soft_cap: float = 0.0,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -176,7 +180,7 @@ def paged_prefill_attention(
             GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
             BLOCK_SIZE=block_size, BLOCK_N=block_n or d_block_n,
             USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(query.dtype),
-            DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8,
+            DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, SOFT_CAP=float(logits_soft_cap),
             num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         )
     zero_padded_rows(out, query_start_loc)
