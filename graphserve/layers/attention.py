@@ -29,6 +29,7 @@ class Attention(nn.Module):
         layer_idx: int,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        alibi_slopes: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -38,6 +39,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap  # cap * tanh(score / cap) before the softmax (Gemma 2)
+        # ALiBi: slope_h * (key position - query position) added to head h's scores (Bloom, Falcon-RW, MPT).
+        self.alibi_slope_values = list(alibi_slopes) if alibi_slopes is not None else None
+        self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes, dtype=torch.float32)
+                             if alibi_slopes is not None else None, persistent=False)
         self.set_backend(get_attn_backend(_DEFAULT_BACKEND))
         self.layer_id = attention_ops.register_attention_layer(self)
         # FP8 KV cache scales (k_scale, v_scale: fp32, per layer), from the checkpoint or 1.0 (`set_kv_scale`).
@@ -50,6 +55,8 @@ class Attention(nn.Module):
         buffers are materialized uninitialized)."""
         self.k_scale.fill_(1.0)
         self.v_scale.fill_(1.0)
+        if self.alibi_slopes is not None:
+            self.alibi_slopes.copy_(torch.tensor(self.alibi_slope_values, dtype=torch.float32))
         self.kv_scales_loaded.clear()
 
     def set_kv_scale(self, which: str, value: float) -> None:
@@ -64,7 +71,8 @@ class Attention(nn.Module):
         """Run this layer through `attn_backend` (its KV cache must be in that backend's shape)."""
         self.attn_backend = attn_backend
         self.impl = attn_backend.get_impl_cls()(self.num_heads, self.head_size, self.scale, self.num_kv_heads,
-                                                self.sliding_window, self.logits_soft_cap)
+                                                self.sliding_window, self.logits_soft_cap,
+                                                self.alibi_slope_values is not None)
 
     def forward(
         self,
@@ -107,6 +115,7 @@ class Attention(nn.Module):
             out.view(num_tokens, self.num_heads, self.head_size),
             k_scale=self.k_scale if fp8 else None,
             v_scale=self.v_scale if fp8 else None,
+            alibi_slopes=self.alibi_slopes,
         )
 
     def extra_repr(self) -> str:

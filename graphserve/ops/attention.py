@@ -109,8 +109,10 @@ def attend_one_sequence(
     scale: float,
     sliding_window: int,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] fp32
 ) -> torch.Tensor:  # [query_len, num_heads, head_dim] float32
-    """Causal (bottom-right aligned) GQA attention of one sequence's queries over its whole context, in fp32."""
+    """Causal (bottom-right aligned) GQA attention of one sequence's queries over its whole context, in fp32;
+    ALiBi adds slope_h * (key position - query position) to the scores."""
     query_len, num_heads, head_dim = query.shape
     seq_len, num_kv_heads, _ = key.shape
     group = num_heads // num_kv_heads
@@ -126,6 +128,8 @@ def attend_one_sequence(
     visible = k_pos <= q_pos
     if sliding_window > 0:
         visible &= k_pos > q_pos - sliding_window
+    if alibi_slopes is not None:
+        scores += alibi_slopes.float().view(num_kv_heads, group, 1, 1) * (k_pos - q_pos).float()
     scores.masked_fill_(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(num_kv_heads, group * query_len, seq_len)
     out = torch.bmm(probs, v).view(num_kv_heads, group, query_len, head_dim)
@@ -143,6 +147,7 @@ def _decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim] float32
     """Single-token queries of many sequences at once: one gather of their padded contexts, one masked softmax.
 
@@ -165,6 +170,9 @@ def _decode_attention(
     visible = pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [num_decodes, max_len]
     if sliding_window > 0:
         visible &= pos.unsqueeze(0) > (seq_lens - 1 - sliding_window).unsqueeze(1)
+    if alibi_slopes is not None:
+        relative = (pos.unsqueeze(0) - (seq_lens - 1).unsqueeze(1)).float()  # [num_decodes, max_len]
+        scores += alibi_slopes.float().view(1, num_kv_heads, group, 1) * relative[:, None, None, :]
     scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
     out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), v)
     return out.reshape(num_decodes, num_heads, head_dim)
@@ -185,6 +193,7 @@ def _paged_attention_ref(
     k_scale: torch.Tensor | None = None,  # [1] fp32 (FP8 caches)
     v_scale: torch.Tensor | None = None,  # [1] fp32
     logits_soft_cap: float = 0.0,  # > 0: scores soft-capped to (-cap, cap) before the softmax (Gemma 2)
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] fp32: ALiBi biases (Bloom, Falcon-RW, MPT)
 ) -> None:
     """Attention of every sequence's new tokens over its cached context (read back through the FP8 scales).
 
@@ -200,7 +209,8 @@ def _paged_attention_ref(
         rows = torch.tensor([starts[b] for b in decodes], device=query.device)
         index = torch.tensor(decodes, device=query.device)
         attn = _decode_attention(query[rows], key_cache, value_cache, block_table[index],
-                                 seq_lens[index].long(), scale, sliding_window, k_scale, v_scale, logits_soft_cap)
+                                 seq_lens[index].long(), scale, sliding_window, k_scale, v_scale, logits_soft_cap,
+                                 alibi_slopes)
         out[rows] = attn.to(out.dtype)
     for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
@@ -210,7 +220,7 @@ def _paged_attention_ref(
         blocks = block_table[b, :num_blocks].long()
         k = from_cache(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)  # [seq_len, num_kv_heads, head_dim]
         v = from_cache(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
-        attn = attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window, logits_soft_cap)
+        attn = attend_one_sequence(query[q_start:q_end], k, v, scale, sliding_window, logits_soft_cap, alibi_slopes)
         out[q_start:q_end] = attn.to(out.dtype)
     out[starts[-1] :].zero_()
 
@@ -266,10 +276,11 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,  # [1] fp32: FP8 caches
     v_scale: torch.Tensor | None = None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] fp32
 ) -> None:
     """Causal GQA attention over the paged cache for a mixed batch, written into `out` (sliding_window 0 = none,
-    logits_soft_cap 0 = none)."""
+    logits_soft_cap 0 = none, alibi_slopes None = none)."""
     torch.ops.graphserve.paged_attention(
         out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-        scale, sliding_window, max_query_len, max_seq_len, k_scale, v_scale, logits_soft_cap,
+        scale, sliding_window, max_query_len, max_seq_len, k_scale, v_scale, logits_soft_cap, alibi_slopes,
     )

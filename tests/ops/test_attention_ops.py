@@ -43,7 +43,7 @@ def _paged_batch(batch, dtype, seed=0):
     return queries, keys, values, key_cache, value_cache, block_table, seq_lens, query_start_loc
 
 
-def _dense_reference(queries, keys, values, scale, window, soft_cap=0.0):
+def _dense_reference(queries, keys, values, scale, window, soft_cap=0.0, alibi=None):
     """Per sequence and query token: softmax over the explicitly listed visible keys, in float64 (scores soft-capped
     to cap * tanh(score / cap) when soft_cap is set)."""
     group = NUM_HEADS // NUM_KV_HEADS
@@ -57,6 +57,8 @@ def _dense_reference(queries, keys, values, scale, window, soft_cap=0.0):
             for h in range(NUM_HEADS):
                 kk, vv = k[visible, h // group].double(), v[visible, h // group].double()
                 scores = kk @ q[i, h].double() * scale
+                if alibi is not None:
+                    scores = scores + float(alibi[h]) * (torch.tensor(visible, dtype=torch.float64) - pos)
                 if soft_cap:
                     scores = soft_cap * torch.tanh(scores / soft_cap)
                 p = torch.softmax(scores, dim=0)
@@ -156,3 +158,15 @@ def test_paged_attention_logit_soft_cap(window):
     expected = _dense_reference(queries, keys, values, 1.5, window, soft_cap=2.0)
     torch.testing.assert_close(capped.double(), expected, rtol=2e-5, atol=2e-5)
     assert not torch.allclose(capped, plain, atol=1e-3)
+
+
+def test_paged_attention_alibi():
+    """ALiBi biases slope_h * (key position - query position), one slope per query head."""
+    queries, keys, values, key_cache, value_cache, block_table, seq_lens, qsl = _paged_batch(BATCH, torch.float32)
+    query = torch.cat(queries)
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(NUM_HEADS)])
+    out = torch.empty_like(query)
+    paged_attention(out, query, key_cache, value_cache, block_table, seq_lens, qsl, 0.5, 0,
+                    max(q for q, _ in BATCH), int(seq_lens.max()), None, None, 0.0, slopes)
+    expected = _dense_reference(queries, keys, values, 0.5, 0, alibi=slopes)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)

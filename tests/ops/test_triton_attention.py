@@ -49,10 +49,11 @@ def _paged_batch(batch, num_heads, num_kv_heads, head_dim, block_size, dtype, nu
     return query, key_cache, value_cache, block_table, seq_lens, query_start_loc
 
 
-def _reference(query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, soft_cap=0.0):
+def _reference(query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, soft_cap=0.0,
+               alibi=None):
     out = torch.full_like(query, float("nan"))
     _paged_attention_ref(out, query, key_cache, value_cache, block_table, seq_lens, qsl, scale, window, 0, 0,
-                         None, None, soft_cap)
+                         None, None, soft_cap, alibi)
     return out
 
 
@@ -215,3 +216,18 @@ def test_logit_soft_cap_matches_reference(window):
     paged_prefill_attention(out, *mixed, 1.2, window, max(q for q, _ in MIXED), None, None, 3.0)
     _assert_close(out, _reference(*mixed, 1.2, window, 3.0), torch.float32)
     assert not torch.allclose(out, _reference(*mixed, 1.2, window), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_alibi_matches_reference(window):
+    """ALiBi slopes per query head (grouped heads included) in both kernels, split decode included."""
+    slopes = torch.tensor([2.0 ** -(0.5 * (i + 1)) for i in range(8)])
+    decode = _paged_batch([(1, s) for s in DECODE_SEQ_LENS], 8, 2, 32, 16, torch.float32, seed=11)
+    out = torch.full_like(decode[0], float("nan"))
+    paged_decode_attention(out, *decode, 0.3, window, max(DECODE_SEQ_LENS), None, None, 0.0, slopes, num_splits=3)
+    _assert_close(out, _reference(*decode, 0.3, window, 0.0, slopes), torch.float32)
+    mixed = _paged_batch(MIXED, 8, 2, 32, 16, torch.float32, num_pad_rows=3, seed=12)
+    out = torch.full_like(mixed[0], float("nan"))
+    paged_prefill_attention(out, *mixed, 0.3, window, max(q for q, _ in MIXED), None, None, 0.0, slopes)
+    _assert_close(out, _reference(*mixed, 0.3, window, 0.0, slopes), torch.float32)
+    assert not torch.allclose(out, _reference(*mixed, 0.3, window), atol=1e-3)

@@ -99,18 +99,22 @@ class AttentionMetadataBuilder(ABC):
 class AttentionImpl(ABC):
     """Runs one layer's attention for a batch described by its backend's metadata."""
 
-    # Whether the backend applies attention-logit soft-capping (Gemma 2); others refuse layers that need it.
+    # Whether the backend applies attention-logit soft-capping (Gemma 2) and ALiBi biases (Bloom, Falcon-RW);
+    # others refuse layers that need them.
     supports_logits_soft_cap = False
+    supports_alibi = False
 
     def __init__(
         self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, sliding_window: int | None = None,
-        logits_soft_cap: float | None = None,
+        logits_soft_cap: float | None = None, use_alibi: bool = False,
     ) -> None:
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if logits_soft_cap and not self.supports_logits_soft_cap:
             raise ValueError(f"{type(self).__name__} cannot soft-cap attention logits (the model sets "
                              f"attn_logit_softcapping={logits_soft_cap}); use the PAGED_ATTN backend")
+        if use_alibi and not self.supports_alibi:
+            raise ValueError(f"{type(self).__name__} cannot add ALiBi biases; use the PAGED_ATTN backend")
         self.logits_soft_cap = float(logits_soft_cap or 0.0)
         self.num_heads = num_heads
         self.head_size = head_size
@@ -129,6 +133,7 @@ class AttentionImpl(ABC):
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
         k_scale: torch.Tensor | None = None,  # [1] fp32: an FP8 cache's scales
         v_scale: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,  # [num_heads] fp32 (backends with supports_alibi)
     ) -> None:
         """Write attention output into `output`; without metadata, plain causal attention over the tokens."""
 

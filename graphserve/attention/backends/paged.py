@@ -130,6 +130,7 @@ class PagedAttentionImpl(AttentionImpl):
     """Writes the new K/V with `reshape_and_cache`, then runs `paged_attention` over the whole batch."""
 
     supports_logits_soft_cap = True
+    supports_alibi = True
 
     def forward(
         self,
@@ -141,10 +142,12 @@ class PagedAttentionImpl(AttentionImpl):
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
         k_scale: torch.Tensor | None = None,  # [1] fp32: an FP8 cache's scales
         v_scale: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,  # [num_heads] fp32
     ) -> None:
         """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
         if attn_metadata is None or kv_cache is None:
-            output.copy_(causal_attention(query, key, value, self.scale, self.sliding_window, self.logits_soft_cap))
+            output.copy_(causal_attention(query, key, value, self.scale, self.sliding_window, self.logits_soft_cap,
+                                          alibi_slopes))
             return
         key_cache, value_cache = kv_cache.unbind(0)
         md = attn_metadata
@@ -152,7 +155,7 @@ class PagedAttentionImpl(AttentionImpl):
         attention_ops.paged_attention(
             output, query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc,
             self.scale, self.sliding_window or 0, md.max_query_len, md.max_seq_len, k_scale, v_scale,
-            self.logits_soft_cap,
+            self.logits_soft_cap, alibi_slopes,
         )
 
 

@@ -72,6 +72,7 @@ class SDPAImpl(AttentionImpl):
         output: torch.Tensor,  # [num_tokens, num_heads, head_size]
         k_scale: torch.Tensor | None = None,  # FP8 caches are not supported here (validated at start-up)
         v_scale: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
         """Attention for one layer; without metadata or cache, plain causal attention over all tokens."""
         if attn_metadata is None or kv_cache is None:

@@ -12,12 +12,14 @@ def causal_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
     """Plain causal self-attention of one sequence without a KV cache (profiling and dummy runs)."""
-    if logits_soft_cap:  # SDPA cannot soft-cap: the op's reference, in fp32
+    if logits_soft_cap or alibi_slopes is not None:  # not SDPA's: the op's reference, in fp32
         from graphserve.ops.attention import attend_one_sequence
 
-        return attend_one_sequence(query, key, value, scale, sliding_window or 0, logits_soft_cap).to(query.dtype)
+        return attend_one_sequence(query, key, value, scale, sliding_window or 0, logits_soft_cap,
+                                   alibi_slopes).to(query.dtype)
     group = query.shape[1] // key.shape[1]
     q = query.transpose(0, 1)  # [num_heads, num_tokens, head_size]
     k = key.repeat_interleave(group, dim=1).transpose(0, 1)

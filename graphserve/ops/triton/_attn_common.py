@@ -155,6 +155,8 @@ def online_softmax_step(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFT_CAP: tl.constexpr,  # > 0: scores become SOFT_CAP * tanh(score / SOFT_CAP) (Gemma 2)
+    bias,  # [M, BLOCK_N] fp32 added to the scores in the log2 domain (read only when USE_BIAS: ALiBi)
+    USE_BIAS: tl.constexpr,
 ):
     """One flash-attention step: scores of the tile, rescale of the running state, accumulation of P @ V."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -162,6 +164,8 @@ def online_softmax_step(
         # tanh(x) = 2 * sigmoid(2x) - 1, on the natural-log scores, then back to the log2 domain
         natural = s * (1.0 / LOG2E_CONST)
         s = (SOFT_CAP * (2.0 * tl.sigmoid(natural * (2.0 / SOFT_CAP)) - 1.0)) * LOG2E_CONST
+    if USE_BIAS:
+        s = s + bias
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from graphserve.ops.triton._attn_common import (
     LOG2E,
+    LOG2E_CONST,
     dot_precision,
     kv_scale_args,
     load_kv_tile,
@@ -50,6 +51,7 @@ def _paged_decode_kernel(
     part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32: running max, exp-sum
     counter_ptr,  # [>= num_seqs * num_kv_heads] int32, zero between launches: partitions finished so far
     k_scale_ptr, v_scale_ptr,  # [1] fp32 (FP8 caches)
+    alibi_ptr,  # [num_heads] fp32 ALiBi slopes (read only when USE_ALIBI)
     scale_log2, sliding_window, num_seqs, num_tokens, num_heads, num_kv_heads,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -60,7 +62,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    SOFT_CAP: tl.constexpr,
+    SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr,
 ):
     """Attention of one sequence's single query over one partition of its context, for one KV head's group."""
     seq = tl.program_id(0)
@@ -103,16 +105,20 @@ def _paged_decode_kernel(
     if KV_FP8:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
+    slopes = tl.zeros([GROUP_P], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=offs_g < GROUP, other=0.0) * LOG2E_CONST
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
+        bias = slopes[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         k, v = load_kv_tile(
             key_cache_ptr, value_cache_ptr, bt_row, stride_btc, offs_n, n_mask, offs_d, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(
-            q, k, v, n_mask[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION, SOFT_CAP
+            q, k, v, n_mask[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION, SOFT_CAP, bias, USE_ALIBI
         )
 
     o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
@@ -205,6 +211,7 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -240,13 +247,15 @@ def paged_decode_attention(
     k_scale, v_scale, kv_fp8 = kv_scale_args(key_cache, k_scale, v_scale, query)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, part_out, part_ml, counters,
-        k_scale, v_scale, scale * LOG2E, sliding_window, num_seqs, num_tokens, num_heads, num_kv_heads,
+        k_scale, v_scale, alibi_slopes if alibi_slopes is not None else k_scale, scale * LOG2E, sliding_window,
+        num_seqs, num_tokens, num_heads, num_kv_heads,
         *query.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(query.dtype),
-        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, SOFT_CAP=float(logits_soft_cap), **launch,
+        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, SOFT_CAP=float(logits_soft_cap),
+        USE_ALIBI=alibi_slopes is not None, **launch,
     )
     # The decode kernel zeroed padded rows below num_seqs; rows beyond exist only if num_tokens > num_seqs.
     zero_padded_rows(out, query_start_loc, row_begin=num_seqs)
@@ -267,15 +276,17 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> None:
     """The device impl of `graphserve::paged_attention`: decode kernel for pure decode batches, else prefill."""
     if max_query_len <= 1:
         paged_decode_attention(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                               scale, sliding_window, max_seq_len, k_scale, v_scale, logits_soft_cap)
+                               scale, sliding_window, max_seq_len, k_scale, v_scale, logits_soft_cap, alibi_slopes)
     else:
         _check_shapes(out, query, key_cache, value_cache)
         paged_prefill_attention(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                                scale, sliding_window, max_query_len, k_scale, v_scale, logits_soft_cap)
+                                scale, sliding_window, max_query_len, k_scale, v_scale, logits_soft_cap,
+                                alibi_slopes)
 
 
 def register(dispatch_key: str) -> dict[str, str]:

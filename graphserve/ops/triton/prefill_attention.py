@@ -13,6 +13,7 @@ import triton.language as tl
 
 from graphserve.ops.triton._attn_common import (
     LOG2E,
+    LOG2E_CONST,
     dot_precision,
     is_interpreter,
     kv_scale_args,
@@ -32,6 +33,7 @@ def _paged_prefill_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     k_scale_ptr, v_scale_ptr,  # [1] fp32 (FP8 caches)
+    alibi_ptr,  # [num_heads] fp32 ALiBi slopes (read only when USE_ALIBI)
     scale_log2, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -42,7 +44,7 @@ def _paged_prefill_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    SOFT_CAP: tl.constexpr,
+    SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr,
 ):
     """Flash attention of BLOCK_Q query tokens (all heads of one KV head) of one sequence over its context."""
     # Heaviest (last, longest-context) query blocks first: causal work grows with the block index.
@@ -68,6 +70,9 @@ def _paged_prefill_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = prefix + tok  # absolute position of each row's token
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0) * LOG2E_CONST
 
     # Keys some row can see: [lo, hi). Keys below `full_hi` are visible to every row (no mask needed).
     hi = prefix + tl.minimum(i0 + BLOCK_Q, q_len)
@@ -94,8 +99,9 @@ def _paged_prefill_kernel(
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, UPCAST, q, k_scale, v_scale, KV_FP8,
         )
+        bias = slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         m_i, l_i, acc = online_softmax_step(q, k, v, 0, m_i, l_i, acc, scale_log2, False, DOT_PRECISION,
-                                                 SOFT_CAP)
+                                            SOFT_CAP, bias, USE_ALIBI)
     for n0 in range(full_hi, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -107,8 +113,9 @@ def _paged_prefill_kernel(
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+        bias = slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, True, DOT_PRECISION,
-                                                 SOFT_CAP)
+                                            SOFT_CAP, bias, USE_ALIBI)
 
     # Rows that are padding (past q_len or the last whole token group) have l = 0; they are not stored.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -150,6 +157,7 @@ def paged_prefill_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     logits_soft_cap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -175,12 +183,12 @@ def paged_prefill_attention(
         k_scale, v_scale, kv_fp8 = kv_scale_args(key_cache, k_scale, v_scale, query)
         _paged_prefill_kernel[grid](
             out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale,
-            scale * LOG2E, sliding_window,
+            alibi_slopes if alibi_slopes is not None else k_scale, scale * LOG2E, sliding_window,
             *query.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
             GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
             BLOCK_SIZE=block_size, BLOCK_N=block_n or d_block_n,
             USE_WINDOW=sliding_window > 0, UPCAST=upcast_inputs(query.dtype),
             DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, SOFT_CAP=float(logits_soft_cap),
-            num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
+            USE_ALIBI=alibi_slopes is not None, num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         )
     zero_padded_rows(out, query_start_loc)
