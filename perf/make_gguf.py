@@ -17,12 +17,12 @@ import os
 
 import numpy as np
 
+from graphserve.ops import gguf as gguf_ops
+
 RECIPES = {
     "Q4_K_M": {"default": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"},
     "Q8_0": {"default": "Q8_0"},
 }
-# Byte offsets of each block's fp16 scales.
-_FP16_FIELDS = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,)}
 _SCALE = {"Q8_0": 2e-3, "Q4_0": 1e-2, "Q5_0": 5e-3, "Q4_K": 1e-3, "Q5_K": 5e-4, "Q6_K": 5e-4}
 
 
@@ -33,7 +33,7 @@ def random_blocks(qtype_name: str, rows: int, cols: int, rng: np.random.Generato
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]]
     raw = np.frombuffer(rng.bytes(rows * cols // block * size), dtype=np.uint8).reshape(-1, size).copy()
     scale = (rng.random((raw.shape[0], 1), dtype=np.float32) * _SCALE[qtype_name]).astype(np.float16)
-    for offset in _FP16_FIELDS[qtype_name]:
+    for offset in gguf_ops.FP16_FIELD_OFFSETS[qtype_name]:
         raw[:, offset:offset + 2] = scale.view(np.uint8)
     return raw.reshape(rows, -1)
 

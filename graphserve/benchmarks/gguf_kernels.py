@@ -15,17 +15,13 @@ from graphserve.benchmarks.quant_kernels import _L2_BYTES, LLAMA3_8B_GEMMS
 from graphserve.benchmarks.roofline import fraction
 from graphserve.ops import gguf as gguf_ops
 
-# Byte offsets of each type's fp16 scales (random bytes there could be inf / NaN).
-_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-                "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
 
 def random_blocks(type_name: str, n: int, k: int) -> torch.Tensor:
     """[n, row_bytes] uint8 of random blocks of `type_name` on the GPU, scales small and finite."""
     qtype = gguf_ops.GGML_TYPE_IDS[type_name]
     _, block, size = gguf_ops.GGML_TYPES[qtype]
     raw = torch.randint(0, 256, (n * k // block, size), dtype=torch.uint8, device="cuda")
-    for offset in _FP16_FIELDS.get(type_name, ()):
+    for offset in gguf_ops.FP16_FIELD_OFFSETS.get(type_name, ()):
         scale = (torch.rand(raw.shape[0], device="cuda") * 1e-3).half().view(torch.uint8).view(-1, 2)
         raw[:, offset:offset + 2] = scale
     return raw.view(n, -1)

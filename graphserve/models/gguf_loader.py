@@ -76,12 +76,12 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
+_KEPT_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
+
+
 def is_kept_quantized(hf_name: str) -> bool:
     """Whether the quantization "gguf" keeps this tensor in its blocks (projections, embedding, head)."""
     return hf_name.endswith(_KEPT_SUFFIXES)
-
-
-_KEPT_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def gguf_tensor_types(gguf_path: str) -> dict[str, int]:

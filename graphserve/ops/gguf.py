@@ -44,6 +44,10 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     30: ("BF16", 1, 2),
 }
 GGML_TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+# Byte offsets of each quantized type's fp16 fields (d, m, dmin) inside a block: what random test and benchmark
+# blocks must overwrite with finite values.
+FP16_FIELD_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                      "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 FLOAT_TYPES = frozenset({0, 1, 30})
 
 

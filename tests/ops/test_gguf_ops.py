@@ -11,8 +11,6 @@ from graphserve.ops import gguf as gguf_ops
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # the gguf package quantizes these
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # it only dequantizes these
 FLOATS = ["F32", "F16", "BF16"]
-# Byte offsets of each block's fp16 scales (d, m, dmin): random bytes there could decode to inf / NaN.
-_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def _qtype(name: str) -> int:
@@ -33,7 +31,7 @@ def quantized(name: str, n: int, k: int, seed: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(weights, qtype)))
     _, block, size = gguf_ops.GGML_TYPES[_qtype(name)]
     raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
-    for offset in _FP16_FIELDS[name]:
+    for offset in gguf_ops.FP16_FIELD_OFFSETS[name]:
         scale = (rng.random((raw.shape[0], 1)) * 0.02 + 1e-3).astype(np.float16)
         raw[:, offset:offset + 2] = scale.view(np.uint8)
     return torch.from_numpy(raw.reshape(n, -1))
